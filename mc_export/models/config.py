@@ -57,8 +57,9 @@ class MetaCanvasConfig:
     vision_tokens_per_image: int = 144
     # Frames of an input video the planner sees (a Qwen video grid; temporal patch 2).
     planner_video_frames: int = 4
-    # Longest prompt (in tokens, chat template included) a build accepts.
-    max_prompt_tokens: int = 256
+    # Longest planner prefix a build accepts, in tokens: chat template and vision tokens included (a Wan v2v
+    # prompt carries 2 x 144 video tokens at full size).
+    max_prompt_tokens: int = 512
     norm_eps: float = 1e-6
     extra: dict = field(default_factory=dict)
 

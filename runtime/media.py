@@ -1,0 +1,87 @@
+"""Reading and writing images and videos as uint8 RGB arrays (Pillow, imageio; no torch)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from runtime.errors import RuntimeInputError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+VIDEO_SUFFIXES = (".mp4", ".gif")
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """An image file as (H, W, 3) uint8 RGB; alpha and palette images are converted, not rejected."""
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+    except (OSError, ValueError) as e:
+        raise RuntimeInputError(f"cannot read image {path}: {e}") from e
+
+
+def read_video(path: str | os.PathLike, max_frames: int | None = None) -> np.ndarray:
+    """A video file (mp4, gif, or a folder of images) as (F, H, W, 3) uint8 RGB."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        frames = [read_image(p) for p in files[:max_frames]]
+    else:
+        import imageio.v3 as iio
+
+        try:
+            frames = [np.asarray(f)[..., :3] for f in iio.imiter(path)]
+        except (OSError, ValueError, RuntimeError) as e:
+            raise RuntimeInputError(f"cannot read video {path}: {e}") from e
+        frames = frames[:max_frames]
+    if not frames:
+        raise RuntimeInputError(f"video {path} has no frames")
+    if len({f.shape for f in frames}) != 1:
+        raise RuntimeInputError(f"video {path} has frames of different sizes")
+    return np.stack(frames).astype(np.uint8)
+
+
+def write_media(path: str | os.PathLike, frames: np.ndarray, fps: int = 16) -> None:
+    """Write (F, H, W, 3) uint8 frames: .png (F must be 1, or one file per frame is refused), .gif or .mp4.
+
+    The file appears atomically: written to a temp name in the same folder, then renamed.
+    """
+    path = Path(path)
+    frames = np.asarray(frames)
+    if frames.ndim == 3:
+        frames = frames[None]
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise RuntimeInputError(f"frames must be (F, H, W, 3) uint8, got {frames.shape} {frames.dtype}")
+    suffix = path.suffix.lower()
+    if suffix not in IMAGE_SUFFIXES + VIDEO_SUFFIXES:
+        raise RuntimeInputError(f"unsupported output {path.name}: use .png for images, .mp4 or .gif for video")
+    if suffix in IMAGE_SUFFIXES and len(frames) != 1:
+        raise RuntimeInputError(f"{len(frames)} frames cannot be written to {path.name}: use .mp4 or .gif")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        if suffix in IMAGE_SUFFIXES:
+            Image.fromarray(frames[0]).save(tmp)
+        elif suffix == ".gif":
+            ims = [Image.fromarray(f) for f in frames]
+            ims[0].save(tmp, save_all=True, append_images=ims[1:], duration=int(1000 / fps), loop=0)
+        else:
+            import imageio.v3 as iio
+
+            # H.264 wants even sizes; yuv420p keeps the file playable everywhere.
+            iio.imwrite(tmp, _even(frames), fps=fps, codec="libx264")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _even(frames: np.ndarray) -> np.ndarray:
+    f, h, w, _ = frames.shape
+    return frames[:, : h - h % 2, : w - w % 2]
+
