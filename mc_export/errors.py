@@ -21,3 +21,19 @@ class InputError(MetaCanvasError, ValueError):
 
 class CheckpointError(MetaCanvasError):
     """A checkpoint folder that is missing a part or whose parts do not fit together."""
+
+
+class ExportError(MetaCanvasError):
+    """An exported graph that holds what a target rejects (DOUBLE tensors, scatters) or cannot be exported."""
+
+
+class StageParityError(MetaCanvasError):
+    """A stage whose compiled output misses its spec's tolerance against the PyTorch reference."""
+
+    def __init__(self, stage: str, message: str):
+        super().__init__(f"stage {stage!r}: {message}")
+        self.stage = stage
+
+
+class BuildError(MetaCanvasError):
+    """A build that cannot be done as asked (a precision or target this machine cannot serve...)."""

@@ -7,6 +7,7 @@ TensorRT optimisation profiles and dummy inputs with `shape_at`, runtime checks 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Mapping, Sequence
@@ -17,6 +18,14 @@ from runtime.manifest_fields import (
 )
 
 DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "uint8", "bool")  # = numpy dtype names
+# A dim is an int, a symbol (`h_tok`), or a whole multiple of one (`2*h_tok`: latents are twice the token grid).
+SCALED = re.compile(r"([1-9][0-9]*)\*([a-z_][a-z0-9_]*)\Z")
+
+
+def split_dim(dim: str) -> tuple[int, str]:
+    """`"2*h_tok"` -> `(2, "h_tok")`; `"h_tok"` -> `(1, "h_tok")`."""
+    m = SCALED.match(dim)
+    return (int(m.group(1)), m.group(2)) if m else (1, dim)
 
 
 @dataclass(frozen=True)
@@ -73,27 +82,33 @@ class TensorSpec:
         check_str(self.dtype, "dtype", choices=DTYPES)
         dims = check_sequence(self.dims, "dims")
         for i, d in enumerate(dims):
-            if not (isinstance(d, str) and SYMBOL.match(d)) and not (is_int(d) and d >= 0):
-                raise fail(f"dims[{i}]", f"expected an integer >= 0 or a lowercase symbol like 'batch', got {d!r}")
+            if not (isinstance(d, str) and (SYMBOL.match(d) or SCALED.match(d))) and not (is_int(d) and d >= 0):
+                raise fail(f"dims[{i}]", f"expected an integer >= 0, a lowercase symbol like 'batch' or a multiple "
+                                         f"like '2*h_tok', got {d!r}")
         object.__setattr__(self, "dims", dims)
 
     @property
     def symbols(self) -> tuple[str, ...]:
         """The symbolic dims in order of first appearance."""
-        return tuple(dict.fromkeys(d for d in self.dims if isinstance(d, str)))
+        return tuple(dict.fromkeys(split_dim(d)[1] for d in self.dims if isinstance(d, str)))
 
     def describe(self, ranges: Mapping[str, DimRange]) -> str:
         """e.g. `float32[batch=1..4, 16, prompt_tokens=1..512]`."""
-        parts = [str(d) if isinstance(d, int) else
-                 (f"{d}={ranges[d].min}..{ranges[d].max}" if d in ranges else f"{d}=?") for d in self.dims]
-        return f"{self.dtype}[{', '.join(parts)}]"
+        def one(d):
+            if isinstance(d, int):
+                return str(d)
+            k, sym = split_dim(d)
+            return f"{d}={k * ranges[sym].min}..{k * ranges[sym].max}" if sym in ranges else f"{d}=?"
+
+        return f"{self.dtype}[{', '.join(one(d) for d in self.dims)}]"
 
     def shape_at(self, ranges: Mapping[str, DimRange], which: str = "opt") -> tuple[int, ...]:
         """The concrete shape with every symbol at its `which` ("min", "opt" or "max") value."""
         missing = [d for d in self.symbols if d not in ranges]
         if missing:
             raise fail("dims_ranges", f"tensor `{self.name}` uses symbol {missing[0]!r}, which has no range")
-        return tuple(d if isinstance(d, int) else ranges[d].at(which) for d in self.dims)
+        return tuple(d if isinstance(d, int) else split_dim(d)[0] * ranges[split_dim(d)[1]].at(which)
+                     for d in self.dims)
 
     def check(self, shape: Sequence[int], ranges: Mapping[str, DimRange], dtype: Any = None) -> dict[str, int]:
         """Check a concrete shape (and, if given, a dtype) against this spec; return the symbol bindings.
@@ -112,10 +127,15 @@ class TensorSpec:
                 if isinstance(want, int):
                     if got != want:
                         problems.append(f"axis {axis} is {got}, expected {want}")
-                elif not ranges[want].min <= got <= ranges[want].max:
-                    problems.append(f"axis {axis} ({want}) is {got}, outside {ranges[want].min}..{ranges[want].max}")
-                elif bound.setdefault(want, got) != got:
-                    problems.append(f"axis {axis} ({want}) is {got} but an earlier axis has {want}={bound[want]}")
+                    continue
+                k, sym = split_dim(want)
+                r = ranges[sym]
+                if got % k:
+                    problems.append(f"axis {axis} ({want}) is {got}, not a multiple of {k}")
+                elif not r.min <= got // k <= r.max:
+                    problems.append(f"axis {axis} ({want}) is {got}, outside {k * r.min}..{k * r.max}")
+                elif bound.setdefault(sym, got // k) != got // k:
+                    problems.append(f"axis {axis} ({want}) is {got} but an earlier axis has {sym}={bound[sym]}")
         if problems:
             raise ShapeError(f"tensor `{self.name}`: expected {self.describe(ranges)}, got shape {shape}"
                              f"{f' {dtype}' if dtype is not None else ''}: {'; '.join(problems)}")

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mc_export.errors import MetaCanvasError
+from mc_export.errors import ExportError
 from runtime.vision_index import VISION_INPUT_NAMES, VISION_OUTPUT_NAMES, VisionGeometry, num_patches, vision_inputs
 
 OPSET = 20
@@ -40,10 +40,6 @@ OPSET = 20
 # differ by <= 1.4e-6 relative. 1e-5 leaves room for deeper towers; a wrong mask, rotary table or
 # permutation shows up as O(1e-1) or more.
 VISION_RTOL = 1e-5
-
-
-class ExportError(MetaCanvasError):
-    """An exported graph that differs from PyTorch beyond tolerance or holds an op a target rejects."""
 
 
 class ExportableQwenVision(nn.Module):
@@ -151,19 +147,10 @@ def export_vision_encoder(visual: nn.Module, path, example_grid_thw, opset: int 
 
 
 def check_graph_ops(path) -> None:
-    """Raise ExportError if the ONNX file at `path` has a DOUBLE tensor or a ScatterND node."""
-    import onnx
+    """Raise ExportError if the ONNX file at `path` has a DOUBLE tensor or a Scatter node."""
+    from mc_export.export.onnx_export import check_graph
 
-    model = onnx.shape_inference.infer_shapes(onnx.load(str(path), load_external_data=False))
-    doubles = [vi.name for vi in (*model.graph.value_info, *model.graph.input, *model.graph.output)
-               if vi.type.tensor_type.elem_type == onnx.TensorProto.DOUBLE]
-    doubles += [t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.DOUBLE]
-    doubles += [n.name for n in model.graph.node if n.op_type == "Cast" and any(
-        a.name == "to" and a.i == onnx.TensorProto.DOUBLE for a in n.attribute)]
-    scatters = [n.name for n in model.graph.node if n.op_type.startswith("Scatter")]
-    if doubles or scatters:
-        raise ExportError(f"{path}: TensorRT-hostile content: DOUBLE tensors {doubles[:5]}, Scatter nodes "
-                          f"{scatters[:5]}; keep float64 math on the host (runtime.vision_index)")
+    check_graph(Path(path))
 
 
 def check_vision_export(visual: nn.Module, path, grids, rtol: float = VISION_RTOL) -> list[dict]:

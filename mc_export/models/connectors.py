@@ -65,18 +65,29 @@ class PreLNBlock(nn.Module):
 def resize_canvas(canvas: torch.Tensor, frames: int, height: int, width: int) -> torch.Tensor:
     """(B, K, h, w, D) -> (B, T, H, W, D): bilinear in space (align_corners=False); linear in time with
     keyframes on the first and last frame (align_corners=True). K == 1 repeats over T."""
+    # No "same size" shortcuts: an export traced through one would bake the example's size in. Resizing to
+    # the same size is exact for both modes (every weight is 0 or 1).
     b, k, h, w, d = canvas.shape
     x = canvas.permute(0, 1, 4, 2, 3).reshape(b * k, d, h, w)
-    if (h, w) != (height, width):
-        x = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False)  # (B*K, D, H, W)
+    x = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False)  # (B*K, D, H, W)
     x = x.reshape(b, k, d, height * width)
     if k == 1:
         x = x.expand(b, frames, d, height * width)
-    elif k != frames:
-        x = x.permute(0, 3, 2, 1).reshape(b, height * width * d, k)
-        x = F.interpolate(x, size=frames, mode="linear", align_corners=True)  # (B, H*W*D, T)
-        x = x.reshape(b, height * width, d, frames).permute(0, 3, 2, 1)
+    else:
+        x = _lerp_keyframes(x, frames)  # (B, T, D, H*W)
     return x.reshape(b, frames, d, height, width).permute(0, 1, 3, 4, 2)  # (B, T, H, W, D)
+
+
+def _lerp_keyframes(x: torch.Tensor, frames: int) -> torch.Tensor:
+    """(B, K, ...) keyframes -> (B, T, ...) linear in time, keyframes on the first and last frame: what
+    F.interpolate(mode="linear", align_corners=True) computes, written with gathers so that T = 1 (where the
+    align-corners scale (K-1)/(T-1) divides by zero in ONNX's Resize) gives keyframe 0, as torch does."""
+    k = x.shape[1]
+    t = torch.arange(frames, device=x.device, dtype=torch.float32)
+    src = t * ((k - 1) / torch.clamp(torch.tensor(frames - 1, dtype=torch.float32), min=1.0))  # (T,)
+    i0 = torch.clamp(torch.floor(src).long(), max=k - 2)  # (T,)
+    w = (src - i0.float()).to(x.dtype).reshape(1, -1, *([1] * (x.dim() - 2)))  # (1, T, 1, ...)
+    return x.index_select(1, i0) * (1 - w) + x.index_select(1, i0 + 1) * w
 
 
 class CanvasPrep(nn.Module):

@@ -48,11 +48,14 @@ def unpack_latents(packed: torch.Tensor, h_tok: int, w_tok: int) -> torch.Tensor
 
 
 def image_ids(h_tok: int, w_tok: int, first: float = 0.0) -> torch.Tensor:
-    """RoPE ids (h*w, 3) = (first, row, col) per token; first = 1 marks Kontext context-image tokens."""
-    ids = torch.zeros(h_tok, w_tok, 3)  # (h, w, 3)
-    ids[..., 0] = first
-    ids[..., 1] = ids[..., 1] + torch.arange(h_tok)[:, None]
-    ids[..., 2] = ids[..., 2] + torch.arange(w_tok)[None, :]
+    """RoPE ids (h*w, 3) = (first, row, col) per token; first = 1 marks Kontext context-image tokens.
+
+    The pipeline's values (float32 whole numbers), built without in-place writes: with symbolic sizes (the
+    exported denoise step computes its ids from the latents' shapes) slice assignment would export as Scatter.
+    """
+    rows = torch.arange(h_tok, dtype=torch.float32)[:, None].expand(h_tok, w_tok)  # (h, w)
+    cols = torch.arange(w_tok, dtype=torch.float32)[None, :].expand(h_tok, w_tok)  # (h, w)
+    ids = torch.stack([torch.full_like(rows, first), rows, cols], dim=-1)  # (h, w, 3)
     return ids.reshape(h_tok * w_tok, 3)  # (h*w, 3)
 
 
@@ -85,6 +88,16 @@ class FluxKontextAdapter:
         """(1, H_tok, W_tok): one DiT token per 2x2 latent pixels, i.e. per (2*vae_scale)^2 image pixels."""
         step = self.vae_scale_factor * PACK
         return 1, height // step, width // step
+
+    @property
+    def size_multiple(self) -> int:
+        """Heights and widths must be multiples of this (VAE stride x patch)."""
+        return self.vae_scale_factor * PACK
+
+    @property
+    def frame_multiple(self) -> int:
+        """num_frames - 1 must be a multiple of this (the VAE's temporal stride); 0 for image backbones."""
+        return 0
 
     def check_shape(self, height: int, width: int, num_frames: int = 1) -> None:
         """InputError unless height and width are positive multiples of 2 * vae_scale (16) and frames == 1."""

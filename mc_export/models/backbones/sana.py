@@ -50,6 +50,16 @@ class SanaAdapter:
         step = self.vae_scale_factor * self.patch_size
         return 1, height // step, width // step
 
+    @property
+    def size_multiple(self) -> int:
+        """Heights and widths must be multiples of this (VAE stride x patch)."""
+        return self.vae_scale_factor * self.patch_size
+
+    @property
+    def frame_multiple(self) -> int:
+        """num_frames - 1 must be a multiple of this (the VAE's temporal stride); 0 for image backbones."""
+        return 0
+
     def check_shape(self, height: int, width: int, num_frames: int = 1) -> None:
         """InputError unless height and width are positive multiples of DC-AE stride x patch and frames == 1."""
         step = self.vae_scale_factor * self.patch_size

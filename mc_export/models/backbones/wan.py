@@ -92,6 +92,16 @@ class WanAdapter:
         t, h, w = self.token_grid(height, width, num_frames)
         return batch, self.latent_channels, t, h * self.patch[1], w * self.patch[2]
 
+    @property
+    def size_multiple(self) -> int:
+        """Heights and widths must be multiples of this (VAE stride x patch)."""
+        return self.stride_s * self.patch[1]
+
+    @property
+    def frame_multiple(self) -> int:
+        """num_frames - 1 must be a multiple of this (the VAE's temporal stride); 0 for image backbones."""
+        return self.stride_t
+
     def check_shape(self, height: int, width: int, num_frames: int) -> None:
         """InputError unless height/width are positive multiples of VAE stride x patch and frames == 4k+1."""
         multiple = self.stride_s * self.patch[1]
@@ -114,10 +124,12 @@ class WanAdapter:
                              f"(B={b}, T={t}, H={h}, W={w}, D={d})")
         tokens = x[:, :, r:].permute(0, 2, 3, 4, 1).reshape(b * t, h * w, d)  # (B*T, H*W, D)
         canvas = call.canvas.to(x.dtype).reshape(b * t, h * w, d)  # (B*T, H*W, D)
-        timestep = call.timestep.repeat_interleave(t)  # (B*T,)
+        # expand + reshape, not repeat_interleave: torch.onnx lowers a symbolic repeat count to a broken Expand
+        timestep = call.timestep[:, None].expand(b, t).reshape(b * t)  # (B*T,)
         out = self.injector(tokens, canvas, timestep, h, w)  # (B*T, H*W, D)
         out = out.reshape(b, t, h, w, d).permute(0, 4, 1, 2, 3)  # (B, D, T, H, W)
-        return torch.cat([x[:, :, :r], out], dim=2) if r else out  # reference tokens pass through untouched
+        # reference tokens pass through untouched; no `if r`: one exported graph serves r = 0 (an empty slice)
+        return torch.cat([x[:, :, :r], out], dim=2)
 
     @staticmethod
     def injector_timestep(timestep: torch.Tensor) -> torch.Tensor:
@@ -212,7 +224,8 @@ class WanAdapter:
     def token_timesteps(self, t: torch.Tensor, request: WanRequest, batch: int, h_tok: int,
                         w_tok: int) -> torch.Tensor:
         """Scheduler timestep t -> per-token timesteps (batch, (R+T)*H_tok*W_tok), 0 on clean frames."""
-        per_token = request.frame_noise.repeat_interleave(h_tok * w_tok) * t  # ((R+T)*H*W,)
+        n = h_tok * w_tok  # expand + reshape: exportable with symbolic sizes, unlike repeat_interleave
+        per_token = request.frame_noise[:, None].expand(-1, n).reshape(-1) * t  # ((R+T)*H*W,)
         return per_token.unsqueeze(0).expand(batch, -1)
 
     # --- noise ------------------------------------------------------------------------------------------------

@@ -1,0 +1,69 @@
+"""What every denoise-step graph shares: the CFG combine and the scheduler update, folded into the graph so the
+runtime's loop is one engine call per step and the latents never leave the engine's memory.
+
+The step graph of every backbone has the same contract with the runtime (`runtime.pipeline`):
+
+    inputs   sample            the scheduler's sample x_i (backbone latent layout, batch 1)
+             prompt_embeds     (rows, prompt_tokens, D_txt); rows = 2 is [negative, positive], rows = 1 no CFG
+             canvas            (rows, latent_frames, h_tok, w_tok, D_dit) from the planner stage
+             timestep          (1,) the scheduler's timestep t_i (0..1000)
+             guidance_scale    (1,) CFG scale (ignored when rows = 1)
+             coefficients      (3, 3 + K) float32: row i of `runtime.schedulers.SchedulePlan.coefficient_array()`
+             last_sample, history   (K > 0 only, UniPC) the multistep state, zeros at step 0
+             ...               backbone inputs (condition latents, context image, masks, pooled text)
+    outputs  next_sample       x_{i+1} (after the last step: the final latents)
+             next_last_sample, next_history   (K > 0 only) the state for step i + 1
+"""
+
+from __future__ import annotations
+
+import torch
+
+from runtime.schedulers import COL_HISTORY, ROW_LAST, ROW_M, ROW_NEXT
+from runtime.tensor_spec import TensorSpec
+
+STATE_INPUTS = ("last_sample", "history")
+STATE_OUTPUTS = ("next_last_sample", "next_history")
+
+
+def cfg_combine(output: torch.Tensor, guidance_scale: torch.Tensor) -> torch.Tensor:
+    """(rows, ...) -> (1, ...): ``neg + g * (pos - neg)`` as diffusers writes it; with rows = 1 (no CFG) the
+    difference is exactly zero, so one graph serves both."""
+    neg, pos = output[:1], output[-1:]
+    return neg + guidance_scale.reshape(-1, *([1] * (output.dim() - 1))) * (pos - neg)
+
+
+def scheduler_update(coefficients: torch.Tensor, sample: torch.Tensor, velocity: torch.Tensor,
+                     last_sample: torch.Tensor | None = None, history: torch.Tensor | None = None):
+    """One step of `runtime.schedulers.step_update` in torch: ``outputs = coefficients @ terms``.
+
+    coefficients (3, 3 + K); sample, velocity, last_sample: latent layout; history (K, *latent) with m_{i-1}
+    first. Returns (next_sample,) for K = 0 (Euler), else (next_sample, next_last_sample, next_history).
+    """
+    terms = [sample, velocity]
+    k = coefficients.shape[1] - COL_HISTORY
+    if k > 0:
+        terms += [last_sample, *history.unbind(0)]
+
+    def row(r: int) -> torch.Tensor:
+        acc = coefficients[r, 0] * terms[0]
+        for j in range(1, len(terms)):
+            acc = acc + coefficients[r, j] * terms[j]
+        return acc
+
+    x_next = row(ROW_NEXT)
+    if k == 0:
+        return (x_next,)
+    m = row(ROW_M)
+    return x_next, row(ROW_LAST), torch.cat([m.unsqueeze(0), history[:-1]], dim=0)
+
+
+def state_specs(sample: TensorSpec, k: int) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    """The multistep state tensors (inputs, outputs) for a scheduler with history K, in sample's layout."""
+    out_sample = TensorSpec("next_sample", sample.dtype, sample.dims)
+    if k == 0:
+        return (), (out_sample,)
+    last = TensorSpec("last_sample", sample.dtype, sample.dims)
+    hist = TensorSpec("history", sample.dtype, (k, *sample.dims))
+    return (last, hist), (out_sample, TensorSpec("next_last_sample", sample.dtype, sample.dims),
+                          TensorSpec("next_history", sample.dtype, (k, *sample.dims)))

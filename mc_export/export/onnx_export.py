@@ -1,0 +1,150 @@
+"""Component -> ONNX: dynamo export from the spec, graph checks TensorRT needs, ORT offline optimisation,
+and the parity gate every stage must pass."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mc_export.components.spec import Component
+from mc_export.errors import ExportError, StageParityError
+
+OPSET = 20
+TWO_GB = 2**31 - 2**20  # protobuf's hard limit, less a margin for the graph itself
+
+
+@contextlib.contextmanager
+def _quiet():
+    """torch.onnx prints progress lines and warnings per export; the build has its own progress bar."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        level = logging.getLogger("torch.onnx").level
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            logging.getLogger("torch.onnx").setLevel(level)
+
+
+def export_component(comp: Component, path: Path, opset: int = OPSET) -> list[Path]:
+    """Export ``comp`` to ``path`` (one graph covering every shape its spec allows). Returns the files written:
+    the .onnx, plus ``<name>.data`` when the weights pass 2 GB (ONNX external data)."""
+    from mc_export.export.patches import export_patches
+
+    spec = comp.spec
+    args = comp.torch_inputs(comp.sample_inputs("opt", seed=0))
+    dyn = spec.dynamic_shapes()
+    module = comp.module().eval()
+    n_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+    path = Path(path)
+    with torch.no_grad(), export_patches(), _quiet():
+        program = torch.onnx.export(
+            module, args, dynamo=True, input_names=spec.input_names, output_names=spec.output_names,
+            dynamic_shapes=tuple(dyn[n] for n in spec.input_names), opset_version=opset, optimize=spec.optimize,
+            external_data=n_bytes > TWO_GB, verbose=False)
+        if n_bytes > TWO_GB:
+            program.save(str(path), external_data=True)
+        else:
+            program.save(str(path), external_data=False)
+    files = [path]
+    data = path.with_name(path.name + ".data")
+    if data.exists():
+        files.append(data)
+    check_graph(path)
+    return files
+
+
+def check_graph(path: Path) -> None:
+    """Raise ExportError if the graph holds what TensorRT rejects: DOUBLE tensors, or Scatter nodes (they
+    serialise the kernel; every one we met had an exact gather/concat rewrite)."""
+    import onnx
+
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(path), load_external_data=False))
+    g = model.graph
+    doubles = [vi.name for vi in (*g.value_info, *g.input, *g.output)
+               if vi.type.tensor_type.elem_type == onnx.TensorProto.DOUBLE]
+    doubles += [t.name for t in g.initializer if t.data_type == onnx.TensorProto.DOUBLE]
+    doubles += [n.name for n in g.node if n.op_type == "Cast" and any(
+        a.name == "to" and a.i == onnx.TensorProto.DOUBLE for a in n.attribute)]
+    scatters = [n.name for n in g.node if n.op_type.startswith("Scatter")]
+    if doubles or scatters:
+        raise ExportError(f"{path.name}: TensorRT-hostile content: DOUBLE tensors {doubles[:5]}, Scatter nodes "
+                          f"{scatters[:5]}; keep float64 math on the host and rewrite scatters")
+
+
+def optimize_for_ort(src: Path, dst: Path) -> None:
+    """ONNX Runtime's offline graph optimisation (constant folding, fusions) saved to ``dst``.
+
+    EXTENDED, not ALL: ALL adds layout transforms for the building machine's CPU, which ORT applies again at
+    load time anyway; an EXTENDED file stays valid on any CPU running the same ORT minor release.
+    """
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    so.optimized_model_filepath = str(dst)
+    if Path(str(src) + ".data").exists():
+        so.add_session_config_entry("session.optimized_model_external_initializers_file_name", dst.name + ".data")
+        so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
+
+
+@dataclass(frozen=True)
+class ParityRow:
+    stage: str
+    case: str
+    output: str
+    max_abs: float
+    max_rel: float
+    cosine: float
+
+    def fmt(self) -> str:
+        return (f"{self.stage:<14} {self.case:<10} {self.output:<22} {self.max_abs:>10.3e} {self.max_rel:>10.3e} "
+                f"{self.cosine:>10.7f}")
+
+
+TABLE_HEADER = f"{'stage':<14} {'case':<10} {'output':<22} {'max_abs':>10} {'max_rel':>10} {'cosine':>10}"
+
+
+def compare(stage: str, case: str, name: str, ours: np.ndarray, ref: np.ndarray) -> ParityRow:
+    """Max-abs, max-abs relative to max(1, max|ref|), and cosine of two outputs."""
+    a, b = np.asarray(ours, np.float64).ravel(), np.asarray(ref, np.float64).ravel()
+    if a.shape != b.shape:
+        raise StageParityError(stage, f"{name}: shape {np.shape(ours)} != reference {np.shape(ref)}")
+    diff = float(np.max(np.abs(a - b))) if a.size else 0.0
+    finite = bool(np.isfinite(a).all())
+    denom = np.linalg.norm(a) * np.linalg.norm(b)
+    cos = float(a @ b / denom) if denom > 0 else float(np.array_equal(a, b))
+    rel = diff / max(1.0, float(np.max(np.abs(b))) if b.size else 1.0)
+    return ParityRow(stage, case, name, diff if finite else float("inf"), rel if finite else float("inf"), cos)
+
+
+def parity_gate(comp: Component, onnx_path: Path, cases: dict[str, dict] | None = None) -> list[ParityRow]:
+    """ONNX Runtime vs the PyTorch module on fresh random inputs at several profile points.
+
+    ``cases``: name -> dict(which=..., seed=..., overrides=...) for ``comp.sample_inputs``; default: the opt and
+    min points. Raises StageParityError with the whole table if any output misses the spec's tolerance.
+    """
+    import onnxruntime as ort
+
+    cases = cases or {"opt": dict(which="opt", seed=101), "min": dict(which="min", seed=102)}
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    tol, rows = comp.spec.tolerance, []
+    for case, kw in cases.items():
+        feeds = comp.sample_inputs(**kw)
+        ref = comp.reference(feeds)
+        outs = sess.run(comp.spec.output_names, feeds)
+        rows += [compare(comp.spec.stage, case, n, o, ref[n]) for n, o in zip(comp.spec.output_names, outs)]
+    bad = [r for r in rows if not (r.max_rel <= tol.max_rel and r.cosine >= tol.min_cosine)]
+    if bad:
+        table = "\n".join([TABLE_HEADER] + [r.fmt() for r in rows])
+        raise StageParityError(comp.spec.stage, f"ONNX Runtime misses the tolerance (max_rel <= {tol.max_rel}, "
+                                                f"cosine >= {tol.min_cosine}):\n{table}")
+    return rows
