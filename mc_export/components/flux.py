@@ -1,0 +1,266 @@
+"""FLUX.1-Kontext stages: the denoise step (`FluxDenoise`), the VAE encoder of the context image
+(`FluxVaeEncoder`) and the VAE decoder (`FluxVaeDecoder`).
+
+How a runtime runs an ``edit`` request with these three engines (numpy only; C = ``latent_channels``, every
+number below is in the engine's ``extra``, see `runtime_facts`):
+
+  geometry  height H and width W are multiples of ``size_multiple`` (16 = VAE stride 8 x 2x2 packing);
+            h_tok = H / 16, w_tok = W / 16. The context image is resized to (H, W) too (as the reference does),
+            so hc_tok = h_tok, wc_tok = w_tok; the graphs accept any other context size in range.
+  vae_encoder  ``image`` (n, 3, 16*hc_tok, 16*wc_tok) float32: the RGB uint8 image resized to (W, H) with
+            Lanczos (PIL), ``x / 255 * 2 - 1`` in float32, HWC -> CHW. Output ``image_latents``
+            (n, C, 2*hc_tok, 2*wc_tok): the posterior mode (mean) normalised as
+            ``(mode - vae_shift_factor) * vae_scaling_factor``, unpacked: feed it to the denoise step as is.
+  planner   gives ``prompt_embeds`` (rows, L, D_txt), ``pooled_prompt_embeds`` (rows, P) and ``canvas``
+            (rows, 1, h_tok, w_tok, D_dit). rows = 2 ([negative, positive]) only when true_cfg_scale > 1, else
+            rows = 1 (the positive prompt alone): FLUX.1-Kontext is guidance-distilled.
+  plan      ``runtime.schedulers.make_plan(manifest scheduler config, N, image_seq_len=h_tok * w_tok)``
+            (FLUX's dynamic shift uses the packed TARGET token count; context tokens are not counted).
+  denoise   ``sample`` x_0: standard-normal float32 noise (1, C, 2*h_tok, 2*w_tok), i.e. diffusers'
+            ``randn_tensor((1, C, 2h, 2w))`` BEFORE packing (the graph packs and unpacks inside). Step i feeds
+            ``timestep`` = [plan.timesteps[i]] and ``coefficients`` = plan.coefficient_array()[i], both float32
+            (the graph gives the DiT t / 1000 and the canvas injector t, as the pipeline does);
+            ``guidance`` = [guidance_scale] (the distilled guidance embedding, default 2.5);
+            ``guidance_scale`` = [true_cfg_scale] (read only when rows = 2; feed [1.0] when rows = 1);
+            ``image_latents`` and the planner outputs unchanged every step. ``next_sample`` is x_{i+1}: feed it
+            back as ``sample``; after step N - 1 it is the final latents (unpacked).
+            Text ids (zeros) and image ids ((0, row, col) target, (1, row, col) context) are computed inside
+            the graph from the shapes: the host passes none.
+  vae_decoder  ``latents`` (n, C, 2*h_tok, 2*w_tok) = the final ``next_sample``; the graph de-normalises
+            (``latents / vae_scaling_factor + vae_shift_factor``), decodes and post-processes exactly like
+            diffusers' VaeImageProcessor: ``frames`` (n, H, W, 3) uint8 = round_half_even(clamp(x/2 + 0.5, 0, 1)
+            * 255). The runtime does no float post-processing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from mc_export.components.denoise import cfg_combine, scheduler_update, state_specs
+from mc_export.components.ranges import BuildRanges
+from mc_export.components.spec import Component, ComponentSpec, Tolerance
+from mc_export.errors import ConfigError
+from mc_export.models.backbones.flux import PACK, image_ids, pack_latents, unpack_latents
+from runtime.schedulers import make_plan
+from runtime.tensor_spec import DimRange, TensorSpec
+
+TRUE_CFG_SAMPLE = 3.0  # the true-CFG scale sample inputs use when rows = 2 (any value > 1 exercises the branch)
+# uint8 frames: ONNX Runtime and torch may round a value within ~1e-6 of a .5 boundary differently: one level,
+# max_rel = 1/255 (against max(1, 255)). Two levels anywhere fail.
+UINT8_TOLERANCE = Tolerance(max_rel=1.0 / 255, min_cosine=0.99999)
+
+
+# helpers every image backbone's components use (SANA imports them) ----------------------------------------------
+def scaled(k: int, symbol: str) -> str:
+    """A dim `k * symbol` in TensorSpec syntax (`"2*h_tok"`; the bare symbol for k = 1)."""
+    return symbol if k == 1 else f"{k}*{symbol}"
+
+
+def scheduler_config(adapter) -> dict:
+    """The adapter's diffusers scheduler config as the plain dict `runtime.schedulers.make_plan` reads."""
+    return {k: v for k, v in dict(adapter.scheduler.config).items() if k != "_use_default_values"}
+
+
+def plan_row(config: dict, steps: int, rng: np.random.Generator, history: int,
+             image_seq_len: int | None = None) -> dict[str, np.ndarray]:
+    """`timestep` (1,) and `coefficients` (3, 3 + K) of a random step of a real plan, as the runtime feeds them."""
+    plan = make_plan(config, steps, image_seq_len=image_seq_len)
+    if plan.history != history:
+        raise ConfigError(f"the scheduler's plan keeps history K={plan.history}, the component was built for "
+                          f"K={history}")
+    i = int(rng.integers(plan.num_inference_steps))
+    return {"timestep": np.array([plan.timesteps[i]], np.float32),
+            "coefficients": plan.coefficient_array()[i].astype(np.float32)}
+
+
+def sample_pixels(shape: tuple[int, ...], seed: int) -> np.ndarray:
+    """A VAE encoder's input as the host makes it: random uint8 RGB values mapped to [-1, 1] in float32."""
+    pixels = np.random.default_rng(seed).integers(0, 256, shape).astype(np.float32)
+    return pixels / 255 * 2 - 1
+
+
+def pixels_to_uint8(decoded: torch.Tensor) -> torch.Tensor:
+    """VAE output (B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8, diffusers' VaeImageProcessor rounding
+    (half to even, like numpy's round; = `backbones.common.frames_to_uint8`)."""
+    x = (decoded / 2 + 0.5).clamp(0, 1) * 255  # (B, 3, H, W)
+    return x.round().to(torch.uint8).permute(0, 2, 3, 1)  # (B, H, W, 3)
+
+
+# CFG rows: 1 (one branch) or 2 ([negative, positive]). opt = 2 whatever the defaults: torch.export specialises a
+# dim whose example is 1 (the FLUX step then only takes rows = 1), and export runs at opt.
+ROWS = DimRange(1, 2, 2)
+
+
+def batch_range(ranges: BuildRanges) -> DimRange:
+    """Images per VAE call: up to the planner's image inputs (at least 2); opt = 2 for the reason ROWS gives."""
+    return DimRange(1, 2, max(2, ranges.max_images))
+
+
+# the denoise step ---------------------------------------------------------------------------------------------
+class _FluxStep(nn.Module):
+    """One Euler (or multistep) step of FluxKontextPipeline's loop, CFG and scheduler update included."""
+
+    def __init__(self, adapter):
+        super().__init__()
+        self.adapter = adapter  # not a module: the DiT and injector below hold the weights it uses
+        self.transformer, self.injector = adapter.transformer, adapter.injector
+
+    def forward(self, sample, prompt_embeds, canvas, timestep, guidance_scale, coefficients, image_latents,
+                pooled_prompt_embeds, guidance, last_sample=None, history=None):
+        rows = prompt_embeds.shape[0]
+        h_tok, w_tok = sample.shape[2] // PACK, sample.shape[3] // PACK
+        hc_tok, wc_tok = image_latents.shape[2] // PACK, image_latents.shape[3] // PACK
+        x = pack_latents(sample).expand(rows, -1, -1)  # (rows, h*w, 4C)
+        context = pack_latents(image_latents).expand(rows, -1, -1)  # (rows, hc*wc, 4C)
+        txt_ids = prompt_embeds.new_zeros(prompt_embeds.shape[1], 3)  # (L, 3)
+        img_ids = torch.cat([image_ids(h_tok, w_tok), image_ids(hc_tok, wc_tok, first=1.0)])  # (N_tgt + N_ctx, 3)
+        v = self.adapter.denoise(x, context, timestep.expand(rows), guidance.expand(rows), prompt_embeds,
+                                 pooled_prompt_embeds, txt_ids, img_ids, canvas)  # (rows, h*w, 4C)
+        v = unpack_latents(cfg_combine(v, guidance_scale), h_tok, w_tok)  # (1, C, 2h, 2w)
+        out = scheduler_update(coefficients, sample, v, last_sample, history)
+        return out if len(out) > 1 else out[0]
+
+
+class FluxDenoise(Component):
+    """The FLUX.1-Kontext denoise step (stage "denoise"): module docstring for the runtime's recipe."""
+
+    def __init__(self, model, ranges: BuildRanges, history: int = 0):
+        adapter = model.adapter
+        if adapter.backbone != "flux":
+            raise ConfigError(f"FluxDenoise needs a flux model, got backbone {adapter.backbone!r}")
+        if not adapter.transformer.config.guidance_embeds:
+            raise ConfigError("FluxDenoise serves guidance-distilled FLUX (guidance_embeds=True) like Kontext-dev")
+        self.adapter, self.defaults, self.history = adapter, model.defaults, history
+        self.config = scheduler_config(adapter)
+        # ConfigError unless history is the K of the scheduler's plan
+        plan_row(self.config, self.defaults.num_inference_steps, np.random.default_rng(0), history, 1)
+        cfg, c = model.cfg, adapter.latent_channels
+        tok = ranges.token_dims(adapter)
+        sample = TensorSpec("sample", "float32", (1, c, scaled(PACK, "h_tok"), scaled(PACK, "w_tok")))
+        state_in, outputs = state_specs(sample, history)
+        inputs = (sample,
+                  TensorSpec("prompt_embeds", "float32", ("rows", "prompt_tokens", cfg.text_dim)),
+                  TensorSpec("canvas", "float32", ("rows", 1, "h_tok", "w_tok", cfg.dit_dim)),
+                  TensorSpec("timestep", "float32", (1,)),
+                  TensorSpec("guidance_scale", "float32", (1,)),
+                  TensorSpec("coefficients", "float32", (3, 3 + history)),
+                  TensorSpec("image_latents", "float32", (1, c, scaled(PACK, "hc_tok"), scaled(PACK, "wc_tok"))),
+                  TensorSpec("pooled_prompt_embeds", "float32", ("rows", cfg.pooled_dim)),
+                  TensorSpec("guidance", "float32", (1,)),
+                  *state_in)
+        dims = {"rows": ROWS, "prompt_tokens": DimRange(*ranges.prompt_tokens),
+                "h_tok": tok["h_tok"], "w_tok": tok["w_tok"], "hc_tok": tok["h_tok"], "wc_tok": tok["w_tok"]}
+        self.spec = ComponentSpec("denoise", inputs, outputs, dims, extra=self.runtime_facts())
+
+    def module(self) -> nn.Module:
+        return _FluxStep(self.adapter)
+
+    def runtime_facts(self) -> dict:
+        """What a numpy runtime needs to prepare this stage's inputs (the module docstring says how)."""
+        a, vae = self.adapter, self.adapter.vae.config
+        return {"backbone": "flux", "latent_channels": a.latent_channels, "pack": PACK,
+                "vae_scale_factor": a.vae_scale_factor, "size_multiple": a.size_multiple,
+                "vae_scaling_factor": float(vae.scaling_factor), "vae_shift_factor": float(vae.shift_factor),
+                "sample_layout": "unpacked (1, C, 2*h_tok, 2*w_tok): the initial noise before 2x2 packing",
+                "plan_image_seq_len": "h_tok*w_tok", "cfg_rows": ["negative", "positive"],
+                "cfg_when": "true_cfg_scale > 1",
+                "guidance_default": float(self.defaults.guidance_scale), "timestep": "plan.timesteps[i] (0..1000)",
+                "history": self.history}
+
+    def sample_inputs(self, which: str = "opt", seed: int = 0,
+                      overrides: Mapping[str, int] | None = None) -> dict[str, np.ndarray]:
+        """Random latents and text, a real plan step at this resolution, FLUX's default guidance, a true-CFG
+        scale > 1 when rows = 2."""
+        arrays = super().sample_inputs(which, seed, overrides)
+        rng = np.random.default_rng(seed + 1)
+        rows, (h2, w2) = arrays["prompt_embeds"].shape[0], arrays["sample"].shape[2:]
+        arrays.update(plan_row(self.config, self.defaults.num_inference_steps, rng, self.history,
+                               image_seq_len=(h2 // PACK) * (w2 // PACK)))
+        arrays["guidance"] = np.array([self.defaults.guidance_scale], np.float32)
+        arrays["guidance_scale"] = np.array([TRUE_CFG_SAMPLE if rows == 2 else 1.0], np.float32)
+        return arrays
+
+
+# the VAE ------------------------------------------------------------------------------------------------------
+class _Encode(nn.Module):
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, image):
+        z = self.vae.encode(image).latent_dist.mode()  # (n, C, 2hc, 2wc): the posterior mean
+        return (z - self.vae.config.shift_factor) * self.vae.config.scaling_factor
+
+
+class _Decode(nn.Module):
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latents):
+        z = latents / self.vae.config.scaling_factor + self.vae.config.shift_factor  # (n, C, 2h, 2w)
+        return pixels_to_uint8(self.vae.decode(z, return_dict=False)[0])  # (n, H, W, 3)
+
+
+class FluxVaeEncoder(Component):
+    """`AutoencoderKL` encoder of the context image (stage "vae_encoder"): pixels in [-1, 1] -> the normalised
+    posterior mode, unpacked, exactly what `FluxDenoise` takes as ``image_latents``."""
+
+    def __init__(self, model, ranges: BuildRanges):
+        self.adapter = model.adapter
+        tok, c, px = ranges.token_dims(self.adapter), self.adapter.latent_channels, self.adapter.size_multiple
+        image = TensorSpec("image", "float32", ("batch", 3, scaled(px, "hc_tok"), scaled(px, "wc_tok")))
+        latents = TensorSpec("image_latents", "float32", ("batch", c, scaled(PACK, "hc_tok"), scaled(PACK, "wc_tok")))
+        self.spec = ComponentSpec("vae_encoder", (image,), (latents,),
+                                  {"batch": batch_range(ranges), "hc_tok": tok["h_tok"], "wc_tok": tok["w_tok"]},
+                                  extra=self.runtime_facts())
+
+    def module(self) -> nn.Module:
+        return _Encode(self.adapter.vae)
+
+    def runtime_facts(self) -> dict:
+        vae = self.adapter.vae.config
+        return {"backbone": "flux", "image": "RGB uint8 -> Lanczos resize -> x / 255 * 2 - 1, NCHW float32",
+                "latents": "(posterior mode - vae_shift_factor) * vae_scaling_factor, unpacked",
+                "vae_scaling_factor": float(vae.scaling_factor), "vae_shift_factor": float(vae.shift_factor),
+                "pixels_per_latent": self.adapter.vae_scale_factor}
+
+    def sample_inputs(self, which: str = "opt", seed: int = 0,
+                      overrides: Mapping[str, int] | None = None) -> dict[str, np.ndarray]:
+        """Pixels as the host makes them: uint8 values mapped to [-1, 1]."""
+        return {"image": sample_pixels(self.spec.shapes(which, overrides)["image"], seed)}
+
+
+class FluxVaeDecoder(Component):
+    """`AutoencoderKL` decoder (stage "vae_decoder"): final unpacked latents -> uint8 frames, de-normalisation
+    and diffusers' pixel post-processing inside the graph."""
+
+    def __init__(self, model, ranges: BuildRanges):
+        self.adapter = model.adapter
+        tok, c, px = ranges.token_dims(self.adapter), self.adapter.latent_channels, self.adapter.size_multiple
+        latents = TensorSpec("latents", "float32", ("batch", c, scaled(PACK, "h_tok"), scaled(PACK, "w_tok")))
+        frames = TensorSpec("frames", "uint8", ("batch", scaled(px, "h_tok"), scaled(px, "w_tok"), 3))
+        self.spec = ComponentSpec("vae_decoder", (latents,), (frames,),
+                                  {"batch": batch_range(ranges), "h_tok": tok["h_tok"], "w_tok": tok["w_tok"]},
+                                  tolerance=UINT8_TOLERANCE, extra=self.runtime_facts())
+
+    def module(self) -> nn.Module:
+        return _Decode(self.adapter.vae)
+
+    def runtime_facts(self) -> dict:
+        vae = self.adapter.vae.config
+        return {"backbone": "flux", "latents": "the denoise step's final next_sample (unpacked, normalised)",
+                "frames": "uint8 (n, H, W, 3) RGB, final: no host post-processing",
+                "vae_scaling_factor": float(vae.scaling_factor), "vae_shift_factor": float(vae.shift_factor),
+                "pixels_per_latent": self.adapter.vae_scale_factor}
+
+
+
+def stage_components(model, ranges: BuildRanges, history: int) -> dict[str, Component]:
+    """FLUX-Kontext's stages after the planner, in run order: the context image's encoder, the step, the decoder."""
+    return {"vae_encoder": FluxVaeEncoder(model, ranges), "denoise": FluxDenoise(model, ranges, history),
+            "vae_decoder": FluxVaeDecoder(model, ranges)}
