@@ -66,9 +66,78 @@ def _cmd_reference(args) -> None:
     print(f"wrote {args.out}")
 
 
+def _range(text: str) -> tuple[int, ...]:
+    """`512` -> (512, 512, 512); `256:1024` -> (256, opt=min, 1024)... with opt the middle value when given."""
+    try:
+        parts = tuple(int(p) for p in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N, MIN:MAX or MIN:OPT:MAX, got {text!r}") from None
+    if len(parts) == 1:
+        return parts * 3
+    if len(parts) == 2:
+        return (parts[0], parts[0], parts[1])
+    if len(parts) == 3:
+        return parts
+    raise argparse.ArgumentTypeError(f"expected N, MIN:MAX or MIN:OPT:MAX, got {text!r}")
+
+
+def _add_build(sub) -> None:
+    p = sub.add_parser("build", help="compile a checkpoint (or a preset) into an engine bundle")
+    p.add_argument("--backbone", choices=["wan", "flux", "sana"])
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--preset", choices=["tiny", "small"], help="seeded random weights (default: tiny)")
+    src.add_argument("--checkpoint", help="a local checkpoint folder (see `init-checkpoint`)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16", "int8", "fp8"])
+    p.add_argument("--target", default="auto", choices=["auto", "onnxruntime", "tensorrt"])
+    p.add_argument("--height", type=_range, help="pixel height range MIN:MAX or MIN:OPT:MAX")
+    p.add_argument("--width", type=_range)
+    p.add_argument("--frames", type=_range, help="video frame range (4k+1 values)")
+    p.add_argument("--prompt-tokens", type=_range, help="planner prefix length range")
+    p.add_argument("--steps", type=int, help="step count of the precomputed schedule (others are computed at run "
+                                              "time)")
+    p.add_argument("--seed", type=int, default=0, help="preset weights' seed")
+    p.add_argument("--no-verify", action="store_true", help="skip the parity gates (not recommended)")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_cmd_build)
+
+
+def _cmd_build(args) -> None:
+    from pathlib import Path
+
+    from mc_export.build import BuildConfig, build
+
+    if args.checkpoint is None and args.preset is None:
+        print("no --checkpoint given: building the tiny preset (seeded random weights)", file=sys.stderr)
+    overrides = tuple((k, getattr(args, k)) for k in ("height", "width", "frames", "prompt_tokens")
+                      if getattr(args, k) is not None)
+    cfg = BuildConfig(out=Path(args.out), backbone=args.backbone, preset=args.preset,
+                      checkpoint=Path(args.checkpoint) if args.checkpoint else None, precision=args.precision,
+                      target=args.target, range_overrides=overrides, steps=args.steps, seed=args.seed,
+                      verify=not args.no_verify)
+    resolved = cfg.validate()
+    if resolved.target != args.target:
+        print(f"--target auto: no usable GPU/TensorRT here, building for {resolved.target}", file=sys.stderr)
+    build(cfg)
+
+
+def _add_verify(sub) -> None:
+    p = sub.add_parser("verify", help="re-run a bundle's parity gates against its source model")
+    p.add_argument("--bundle", required=True)
+    p.set_defaults(func=_cmd_verify)
+
+
+def _cmd_verify(args) -> None:
+    from mc_export.build import verify
+
+    for line in verify(args.bundle):
+        print(line)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mc_export", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_build(sub)
+    _add_verify(sub)
     _add_init_checkpoint(sub)
     _add_reference(sub)
     args = parser.parse_args(argv)

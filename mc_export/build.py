@@ -1,0 +1,264 @@
+"""`build`: a checkpoint (or a preset) -> a bundle. Exports every stage from its spec, gates each against the
+PyTorch reference, optimises it for its backend and writes the bundle atomically with its manifest.
+
+A build is keyed by content: the hash of the weights, the build config and the tool versions. Rebuilding an
+identical key into an existing, verifying bundle returns at once; "the file exists" is never a cache hit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mc_export.components.ranges import BuildRanges, default_ranges
+from mc_export.errors import BuildError, ConfigError, MetaCanvasError
+from runtime.errors import MetaCanvasRuntimeError
+from runtime.manifest import BUNDLE_FORMAT, SCHEMA_VERSION, Manifest
+
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
+TARGETS = ("auto", "onnxruntime", "tensorrt")
+# What each target can build today. Quantised formats arrive with calibration (calib/), TensorRT with its
+# builder; asking for them is a clear error that names what this machine can do.
+SUPPORTED = {"onnxruntime": ("fp32",)}
+# Image/video inputs per task: which stages a bundle needs beyond planner + denoise + vae_decoder.
+_NEEDS_VISION = {"edit", "i2v", "v2v", "r2v"}
+_NEEDS_VAE_ENCODER = {"edit", "i2v", "v2v", "r2v"}
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Everything a build depends on. `validate()` holds every "X requires Y" rule."""
+
+    out: Path
+    backbone: str | None = None
+    preset: str | None = None
+    checkpoint: Path | None = None
+    precision: str = "fp32"
+    target: str = "auto"
+    # (name, (min, opt, max)) for height / width / frames / prompt_tokens; the rest from the preset's defaults
+    range_overrides: tuple[tuple[str, tuple[int, int, int]], ...] = ()
+    steps: int | None = None  # step count of the precomputed schedule plan; None: the checkpoint's default
+    seed: int = 0  # presets only: the random weights' seed
+    random_canvas: bool = True  # presets only: exercise the canvas path (random zero-init layers)
+    verify: bool = True  # run the parity gates
+
+    def validate(self, gpu_available: bool | None = None) -> BuildConfig:
+        """Resolve `auto` and check the combination; returns the resolved config."""
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"unknown precision {self.precision!r}; expected one of {', '.join(PRECISIONS)}")
+        if self.target not in TARGETS:
+            raise ConfigError(f"unknown target {self.target!r}; expected one of {', '.join(TARGETS)}")
+        if self.checkpoint is None and self.backbone is None:
+            raise ConfigError("give --backbone (with an optional --preset) or --checkpoint DIR")
+        if self.checkpoint is not None and self.preset is not None:
+            raise ConfigError("--preset and --checkpoint are exclusive: a checkpoint brings its own weights")
+        gpu = _tensorrt_usable() if gpu_available is None else gpu_available
+        target = self.target
+        if target == "auto":
+            target = "tensorrt" if gpu else "onnxruntime"
+        if target == "tensorrt" and not gpu:
+            raise BuildError("--target tensorrt needs an NVIDIA GPU with TensorRT installed; none is usable here. "
+                             "Build for this machine with --target onnxruntime (or auto)")
+        if target == "tensorrt":
+            raise BuildError("the TensorRT builder is not part of this release yet; use --target onnxruntime")
+        if self.precision not in SUPPORTED[target]:
+            raise BuildError(f"--precision {self.precision} cannot be built for {target} yet; this machine can "
+                             f"build: {', '.join(SUPPORTED[target])} ({target})")
+        preset = self.preset if self.preset is not None or self.checkpoint is not None else "tiny"
+        return dataclasses.replace(self, target=target, preset=preset)
+
+
+def _tensorrt_usable() -> bool:
+    """True when TensorRT imports and a CUDA device is visible. Imports lazily: CPU users never need it."""
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return False
+    try:
+        from cuda.bindings import runtime as cudart  # noqa: F401
+    except ImportError:
+        return False
+    err, count = cudart.cudaGetDeviceCount()
+    return int(err) == 0 and count > 0
+
+
+def load_model(cfg: BuildConfig):
+    """The PyTorch reference the bundle is compiled from."""
+    from mc_export.models.metacanvas import MetaCanvas
+
+    if cfg.checkpoint is not None:
+        model = MetaCanvas.from_pretrained(cfg.checkpoint)
+        if cfg.backbone is not None and cfg.backbone != model.cfg.backbone:
+            raise ConfigError(f"--backbone {cfg.backbone} but the checkpoint holds a {model.cfg.backbone} model")
+        return model
+    if cfg.preset == "full":
+        raise ConfigError("the full preset has no weights: build from a local checkpoint with --checkpoint DIR")
+    return MetaCanvas.from_preset(cfg.backbone, cfg.preset, seed=cfg.seed, random_canvas=cfg.random_canvas)
+
+
+def weights_hash(model) -> str:
+    """sha256 over every tensor (name, dtype, shape, bytes) in a fixed order: the build's content key."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.detach().contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def tool_versions() -> dict[str, str]:
+    import diffusers
+    import onnx
+    import onnxruntime
+    import transformers
+
+    from mc_export import __version__
+
+    return {"mc_export": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "diffusers": diffusers.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+
+
+def cache_key(cfg: BuildConfig, model, ranges: BuildRanges, steps: int) -> str:
+    payload = {"weights": weights_hash(model), "metacanvas": model.cfg.to_dict(), "precision": cfg.precision,
+               "target": cfg.target, "ranges": ranges.to_json(), "steps": steps, "tools": tool_versions(),
+               "verify": cfg.verify, "schema": SCHEMA_VERSION}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _cached(out: Path, key: str) -> bool:
+    """An existing bundle with the same key that verifies (hashes included) is a cache hit."""
+    from runtime.bundle import load_bundle
+
+    if not (out / "manifest.json").is_file():
+        return False
+    try:
+        bundle = load_bundle(out)
+    except MetaCanvasRuntimeError:
+        return False
+    return bundle.manifest.build.get("cache_key") == key
+
+
+def resolve_ranges(model, overrides) -> BuildRanges:
+    """The preset's default ranges with the user's overrides, validated against the backbone."""
+    ranges = default_ranges(model.adapter, model.defaults, model.cfg.max_prompt_tokens)
+    names = {"height": "height", "width": "width", "frames": "num_frames", "prompt_tokens": "prompt_tokens"}
+    for name, triple in overrides:
+        if name not in names:
+            raise ConfigError(f"unknown range {name!r}; expected one of {', '.join(names)}")
+        ranges = dataclasses.replace(ranges, **{names[name]: tuple(triple)})
+    ranges.validate(model.adapter, model.cfg.max_prompt_tokens)
+    return ranges
+
+
+def build(cfg: BuildConfig, log=print) -> Path:
+    """Build the bundle ``cfg.out`` and return its path. Raises MetaCanvasError subclasses on bad input and
+    StageParityError when a stage misses its tolerance (nothing is written then)."""
+    from mc_export.stages import plan_stages, write_stages
+
+    cfg = cfg.validate()
+    started = time.perf_counter()
+    model = load_model(cfg)
+    ranges = resolve_ranges(model, cfg.range_overrides)
+    steps = cfg.steps or model.defaults.num_inference_steps
+    key = cache_key(cfg, model, ranges, steps)
+    out = Path(cfg.out)
+    if _cached(out, key):
+        log(f"{out}: up to date (cache key {key[:12]}), nothing to build")
+        return out
+    components = plan_stages(model, ranges)
+    log(f"building {model.cfg.backbone} ({cfg.preset or 'checkpoint'}) for {cfg.target} {cfg.precision}: "
+        f"stages {', '.join(components)}")
+
+    def populate(tmp: Path) -> Manifest:
+        engines, files = write_stages(components, tmp, cfg, log)
+        files.update(_write_tokenizer(model, tmp))
+        return _manifest(cfg, model, ranges, steps, key, engines, files)
+
+    from runtime.bundle import write_bundle
+
+    write_bundle(out, populate)
+    log(f"wrote {out} in {time.perf_counter() - started:.0f} s")
+    return out
+
+
+def _write_tokenizer(model, tmp: Path) -> dict[str, str]:
+    model.tokenizer.tokenizer.save(str(tmp / "tokenizer.json"))
+    return {"tokenizer.json": ""}
+
+
+def _manifest(cfg: BuildConfig, model, ranges: BuildRanges, steps: int, key: str, engines, files) -> Manifest:
+    from runtime.schedulers import make_plan
+
+    mc = model.cfg
+    scheduler_config = dict(model.adapter.scheduler.config)
+    scheduler_config = {k: v for k, v in scheduler_config.items() if not k.startswith("_") or k == "_class_name"}
+    scheduler_config["_class_name"] = type(model.adapter.scheduler).__name__
+    d = model.defaults
+    plan = None
+    if not scheduler_config.get("use_dynamic_shifting"):  # FLUX's plan depends on the image size: at run time
+        plan = make_plan(scheduler_config, steps).to_json()
+    qwen = model.planner.qwen.config
+    command = " ".join(["python -m mc_export", *sys.argv[1:]]) if sys.argv and "mc_export" in sys.argv[0] else ""
+    return Manifest(
+        schema_version=SCHEMA_VERSION, format=BUNDLE_FORMAT, backbone=mc.backbone,
+        preset=cfg.preset or "checkpoint", tasks=tuple(mc.tasks), engines=engines, files=files,
+        ranges={"height": (ranges.height[0], ranges.height[2]), "width": (ranges.width[0], ranges.width[2]),
+                "num_frames": (ranges.num_frames[0], ranges.num_frames[2]),
+                "prompt_tokens": (ranges.prompt_tokens[0], ranges.prompt_tokens[2])},
+        multiples={"height": model.adapter.size_multiple, "width": model.adapter.size_multiple,
+                   "num_frames_minus_1": model.adapter.frame_multiple or 1},
+        scheduler={"config": scheduler_config, "plans": {str(steps): plan} if plan else {}},
+        canvas={"keyframes": mc.canvas_keyframes, "height": mc.canvas_height, "width": mc.canvas_width,
+                "tokens": mc.canvas_tokens},
+        defaults={**dataclasses.asdict(d), "negative_prompt": ""},
+        build={"cache_key": key, "command": command, "source": _source(cfg), "tools": tool_versions(), "precision": cfg.precision,
+               "target": cfg.target, "metacanvas": mc.to_dict(), "ranges": ranges.to_json(),
+               "planner": {"image_token_id": qwen.image_token_id, "video_token_id": qwen.video_token_id,
+                           "spatial_merge_size": qwen.vision_config.spatial_merge_size,
+                           "tokens_per_second": qwen.vision_config.tokens_per_second,
+                           "max_prompt_tokens": mc.max_prompt_tokens},
+               "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+    )
+
+
+def _source(cfg: BuildConfig) -> dict:
+    """Where the weights came from, so that `verify` can rebuild the reference."""
+    if cfg.checkpoint is not None:
+        return {"checkpoint": str(Path(cfg.checkpoint).resolve())}
+    return {"preset": cfg.preset, "seed": cfg.seed, "random_canvas": cfg.random_canvas}
+
+
+def verify(bundle_dir: str | Path) -> list[str]:
+    """Re-run every stage's parity gate: the bundle's engines against the PyTorch reference rebuilt from the
+    manifest's recorded source. Returns the table's lines; raises StageParityError on a miss."""
+    from mc_export.export.onnx_export import TABLE_HEADER, parity_gate
+    from mc_export.stages import plan_stages
+    from runtime.bundle import load_bundle
+
+    bundle = load_bundle(bundle_dir)
+    m = bundle.manifest
+    src = dict(m.build.get("source", {}))
+    if "checkpoint" in src:
+        cfg = BuildConfig(out=bundle.path, checkpoint=Path(src["checkpoint"]))
+    elif "preset" in src:
+        cfg = BuildConfig(out=bundle.path, backbone=m.backbone, preset=src["preset"], seed=int(src["seed"]),
+                          random_canvas=bool(src["random_canvas"]))
+    else:
+        raise ConfigError(f"{bundle.path}: the manifest does not say which weights it was built from")
+    model = load_model(cfg)
+    r = m.build["ranges"]
+    ranges = BuildRanges(height=tuple(r["height"]), width=tuple(r["width"]), num_frames=tuple(r["num_frames"]),
+                         prompt_tokens=tuple(r["prompt_tokens"]), max_images=r["max_images"],
+                         max_reference_frames=r["max_reference_frames"])
+    lines = [TABLE_HEADER]
+    for stage, comp in plan_stages(model, ranges).items():
+        if stage not in m.engines:
+            raise ConfigError(f"{bundle.path} has no {stage!r} engine; rebuild it")
+        lines += [row.fmt() for row in parity_gate(comp, bundle.engine_path(stage))]
+    return lines
