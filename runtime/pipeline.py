@@ -106,19 +106,12 @@ class Pipeline:
         start = time.perf_counter()
         req = self._request(prompt, negative_prompt, task, image, video, reference_images, height, width,
                             num_frames, num_inference_steps, guidance_scale, true_cfg_scale, seed, latents)
-        timings: dict[str, float] = {}
         self._reset_timers()
         planned = self.plan(req)
-        timings["planner"] = self.engines["planner"].seconds
-        if "vision_encoder" in self.engines:
-            timings["vision_encoder"] = self.engines["vision_encoder"].seconds
         feeds, sample, schedule = self.host.prepare(req, planned)
         latents_out = self.denoise(feeds, sample, schedule, progress)
-        timings["denoise"] = self.engines["denoise"].seconds
         frames = self.host.finish(req, latents_out)
-        for stage in ("vae_encoder", "vae_decoder"):
-            if stage in self.engines:
-                timings[stage] = self.engines[stage].seconds
+        timings = {stage: e.seconds for stage, e in self.engines.items() if e.calls}  # seconds inside each engine
         timings["total"] = time.perf_counter() - start
         negative = planned.prompt_embeds[:1] if planned.rows == 2 else None
         return GenerationOutput(frames=frames, latents=latents_out, prompt_embeds=planned.prompt_embeds[-1:],
@@ -180,7 +173,8 @@ class Pipeline:
             else:
                 self.bundle.check_request(req.height, req.width, req.num_frames, ids.shape[1])
         f = self.planner_facts
-        grids = self._grids(images, video)
+        # grids are consumed in order, row after row: every row sees the same vision inputs
+        grids = {k: np.tile(v, (rows, 1)) for k, v in self._grids(images, video).items()}
         pos = planner_position_ids(ids, mask, image_token_id=f["image_token_id"], video_token_id=f["video_token_id"],
                                    canvas=(1, 1, 1), spatial_merge_size=f["spatial_merge_size"],
                                    tokens_per_second=f["tokens_per_second"], **grids)[:, :, : ids.shape[1]]

@@ -112,6 +112,12 @@ class Component(ABC):
         shapes = self.spec.shapes(which, overrides)
         return {t.name: random_tensor(t, shapes[t.name], rng) for t in self.spec.inputs}
 
+    def export_dynamic_shapes(self) -> tuple:
+        """torch.export's dynamic shapes in the structure of ``module().forward``'s signature: one entry per
+        positional input by default; a module taking ``(x, *caches)`` overrides this to ``(x_dims, (c, ...))``."""
+        dyn = self.spec.dynamic_shapes()
+        return tuple(dyn[n] for n in self.spec.input_names)
+
     def torch_inputs(self, arrays: Mapping[str, np.ndarray]) -> tuple[torch.Tensor, ...]:
         return tuple(torch.from_numpy(np.ascontiguousarray(arrays[t.name])).to(_TORCH_DTYPES[t.dtype])
                      for t in self.spec.inputs)

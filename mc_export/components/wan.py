@@ -206,3 +206,16 @@ class WanDenoise(Component):
                 cond[:, -1] = 1.0
             arrays["condition"] = cond
         return arrays
+
+
+def stage_components(model, ranges: BuildRanges, history: int) -> dict[str, Component]:
+    """Wan's stages after the planner, in run order: VAE encoder pair (i2v/v2v/r2v inputs), the step, the VAE
+    decoder pair."""
+    from mc_export.components.wan_vae import wan_vae_stages
+
+    encodes = bool({"i2v", "v2v", "r2v"} & set(model.cfg.tasks))
+    vae = wan_vae_stages(model, ranges, encoder=encodes)
+    stages = {k: v for k, v in vae.items() if k.startswith("vae_encoder")}
+    stages["denoise"] = WanDenoise(model, ranges, history)
+    stages.update({k: v for k, v in vae.items() if k.startswith("vae_decoder")})
+    return stages

@@ -40,14 +40,15 @@ def export_component(comp: Component, path: Path, opset: int = OPSET) -> list[Pa
 
     spec = comp.spec
     args = comp.torch_inputs(comp.sample_inputs("opt", seed=0))
-    dyn = spec.dynamic_shapes()
     module = comp.module().eval()
     n_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
     path = Path(path)
-    with torch.no_grad(), export_patches(), _quiet():
+    # FakeTensor's dispatch cache costs more than it saves on these graphs (symbolic 5-D shapes): ~1.5x faster
+    # exports without it (torch 2.13).
+    with torch.no_grad(), export_patches(), _quiet(), torch._dynamo.config.patch(fake_tensor_cache_enabled=False):
         program = torch.onnx.export(
             module, args, dynamo=True, input_names=spec.input_names, output_names=spec.output_names,
-            dynamic_shapes=tuple(dyn[n] for n in spec.input_names), opset_version=opset, optimize=spec.optimize,
+            dynamic_shapes=comp.export_dynamic_shapes(), opset_version=opset, optimize=spec.optimize,
             external_data=n_bytes > TWO_GB, verbose=False)
         if n_bytes > TWO_GB:
             program.save(str(path), external_data=True)
