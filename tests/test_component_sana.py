@@ -3,8 +3,12 @@ reference, one call at a time (the parity gate) and over a whole text-to-image r
 adapter's sampler).
 
 Tiny preset, CPU: 64x64 images (16x16 latents = 16x16 DiT tokens, DC-AE stride 4), 4 Euler steps, CFG 4.5,
-canvas layers randomised. Each graph is exported once per module (~15-30 s each on 2 cores), with onnxscript's
-optimizer off: it folds the linear attentions' `+ 1e-15` away (../shared/FINDINGS.md).
+canvas layers randomised. Every graph is exported with onnxscript's optimizer off (it folds the linear
+attentions' `+ 1e-15` away, ../shared/FINDINGS.md) and then ORT-optimised, as a bundle ships it. The step and
+decoder graphs are the session's SANA bundle's (conftest's `bundles`: the same components, weights and default
+ranges as here, gated at build time); the raw exports' graph checks ran inside `export_component` during that
+build. The DC-AE encoder is exported here, once (~15 s on 2 cores): a SANA bundle is text-to-image only and has
+no encoder stage.
 
 Loop tolerance: cosine >= 0.99999 and max-rel <= 1e-4 on the final latents and on x_N - x_0 (what the loop
 added to the noise). One step differs from torch by <= ~5e-7 relative (ORT kernels); 4 Euler steps with
@@ -26,9 +30,10 @@ from onnx import numpy_helper
 from mc_export.components.ranges import default_ranges
 from mc_export.components.sana import SanaDenoise, SanaVaeDecoder, SanaVaeEncoder
 from mc_export.errors import ConfigError
-from mc_export.export.onnx_export import check_graph, compare, export_component, parity_gate
+from mc_export.export.onnx_export import check_graph, compare, export_component, optimize_for_ort, parity_gate
 from mc_export.models.backbones.common import image_to_tensor, prepare_canvas
 from mc_export.models.metacanvas import MetaCanvas
+from runtime.bundle import load_bundle
 from runtime.schedulers import make_plan
 
 H, W, TOK, STEPS, GUIDANCE = 64, 64, 16, 4, 4.5
@@ -40,11 +45,14 @@ GATE_CASES = {  # stage -> parity cases beyond opt and min: one branch, the larg
     "vae_decoder": {"rect": dict(which="opt", seed=103, overrides={"batch": 1, "h_tok": 8, "w_tok": 12})},
 }
 STAGES = ["denoise", "vae_encoder", "vae_decoder"]
+# How conftest's `bundles` builds its models: the torch references below must hold the bundle's weights.
+BUNDLE_SOURCE = {"preset": "tiny", "seed": 0, "random_canvas": True}
 
 
 @pytest.fixture(scope="module")
 def model() -> MetaCanvas:
-    return MetaCanvas.from_preset("sana", "tiny", random_canvas=True)
+    return MetaCanvas.from_preset("sana", BUNDLE_SOURCE["preset"], seed=BUNDLE_SOURCE["seed"],
+                                  random_canvas=BUNDLE_SOURCE["random_canvas"])
 
 
 @pytest.fixture(scope="module")
@@ -53,15 +61,23 @@ def ranges(model):
 
 
 @pytest.fixture(scope="module")
-def exported(model, ranges, tmp_path_factory):
-    """stage -> (component, onnx path), each graph exported once."""
-    out = tmp_path_factory.mktemp("sana_components")
+def exported(model, ranges, bundles, tmp_path_factory):
+    """stage -> (component, onnx path): the components built here (the torch references); the step and decoder
+    graphs from the session's bundle, the encoder graph exported and ORT-optimised here as a build would."""
+    bundle = load_bundle(bundles["sana"])
+    build = json.loads(bundle.manifest.to_json())["build"]
+    assert build["source"] == BUNDLE_SOURCE and build["ranges"] == ranges.to_json()
     result = {}
-    for comp in (SanaDenoise(model, ranges, history=0), SanaVaeEncoder(model, ranges), SanaVaeDecoder(model, ranges)):
-        path = out / f"{comp.spec.stage}.onnx"
-        assert export_component(comp, path) == [path]
-        result[comp.spec.stage] = comp, path
-    return result
+    for comp in (SanaDenoise(model, ranges, history=0), SanaVaeDecoder(model, ranges)):
+        assert bundle.manifest.engines[comp.spec.stage].external_data == ()  # one file per graph, weights inside
+        result[comp.spec.stage] = comp, bundle.engine_path(comp.spec.stage)
+    # The one export of this file: the bundle has no encoder stage (SANA's tasks are t2i only).
+    encoder = SanaVaeEncoder(model, ranges)
+    raw = tmp_path_factory.mktemp("sana_components") / "vae_encoder.raw.onnx"
+    assert export_component(encoder, raw) == [raw]
+    optimize_for_ort(raw, raw.with_name("vae_encoder.onnx"))
+    result["vae_encoder"] = encoder, raw.with_name("vae_encoder.onnx")
+    return {stage: result[stage] for stage in STAGES}
 
 
 def session(path) -> ort.InferenceSession:

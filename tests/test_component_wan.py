@@ -2,7 +2,9 @@
 
 The oracle is loop parity: the exported step graph driven by a numpy loop over the UniPC plan must land on the
 final latents of `MetaCanvas.generate` (same weights, same initial noise, random canvas layers) for every task.
-Tiny preset, CPU, 64x96 pixels x 5 frames (2 latent frames of 2x3 tokens), 4 steps; one export per module.
+Tiny preset, CPU, 64x96 pixels x 5 frames (2 latent frames of 2x3 tokens), 4 steps. The graph is the session's
+Wan bundle's `denoise.onnx` (conftest's `bundles`: this component, weights and default ranges, exported, ORT-
+optimised and gated once per session); exporting it here again would cost about a minute on 2 cores.
 """
 
 from __future__ import annotations
@@ -10,17 +12,19 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
 
 from mc_export.components.ranges import default_ranges
 from mc_export.components.wan import WanDenoise
-from mc_export.errors import ConfigError
-from mc_export.export.onnx_export import check_graph, compare, export_component, optimize_for_ort, parity_gate
+from mc_export.errors import ConfigError, ExportError
+from mc_export.export.onnx_export import check_graph, compare, export_component, parity_gate
 from mc_export.export.patches import wan_rope_without_scatter
 from mc_export.models.backbones.common import cfg_concat, prepare_canvas
 from mc_export.models.metacanvas import MetaCanvas
+from runtime.bundle import load_bundle
 from runtime.schedulers import make_plan
 
 H, W, F, STEPS = 64, 96, 5, 4
@@ -31,6 +35,8 @@ PROMPT, NEGATIVE = "a red fox runs through fresh snow", ""
 # ~1e-5 at most; 1e-4 is ten times that, and any real mistake (a wrong frame, mask, timestep, CFG row or
 # history slot) moves the latents by O(1).
 LOOP_MAX_REL, LOOP_MIN_COSINE = 1e-4, 0.99999
+# How conftest's `bundles` builds its models: the torch reference below must hold the bundle's weights.
+BUNDLE_SOURCE = {"preset": "tiny", "seed": 0, "random_canvas": True}
 
 
 def rgb(seed: int, frames: int | None = None) -> np.ndarray:
@@ -49,7 +55,8 @@ TASK_INPUTS = {
 
 @pytest.fixture(scope="module")
 def model() -> MetaCanvas:
-    return MetaCanvas.from_preset("wan", "tiny", random_canvas=True)
+    return MetaCanvas.from_preset("wan", BUNDLE_SOURCE["preset"], seed=BUNDLE_SOURCE["seed"],
+                                  random_canvas=BUNDLE_SOURCE["random_canvas"])
 
 
 @pytest.fixture(scope="module")
@@ -58,28 +65,29 @@ def plan(model):
 
 
 @pytest.fixture(scope="module")
-def comp(model, plan) -> WanDenoise:
-    ranges = default_ranges(model.adapter, model.defaults, model.cfg.max_prompt_tokens)
+def ranges(model):
+    return default_ranges(model.adapter, model.defaults, model.cfg.max_prompt_tokens)
+
+
+@pytest.fixture(scope="module")
+def comp(model, ranges, plan) -> WanDenoise:
     return WanDenoise(model, ranges, plan.history)
 
 
 @pytest.fixture(scope="module")
-def onnx_path(comp, tmp_path_factory):
-    path = tmp_path_factory.mktemp("wan") / "denoise.onnx"
-    assert export_component(comp, path) == [path]
-    return path
+def onnx_path(ranges, bundles):
+    """The bundle's step graph: `export_component` (which runs `check_graph` on the raw export and fails on
+    DOUBLE or Scatter, see `test_export_checks_the_raw_graph`), then `optimize_for_ort`, as a bundle ships it."""
+    bundle = load_bundle(bundles["wan"])
+    build = json.loads(bundle.manifest.to_json())["build"]
+    assert build["source"] == BUNDLE_SOURCE and build["ranges"] == ranges.to_json()
+    assert bundle.manifest.engines["denoise"].external_data == ()  # one file, weights inside
+    return bundle.engine_path("denoise")
 
 
 @pytest.fixture(scope="module")
-def optimized_path(onnx_path):
-    path = onnx_path.with_name("denoise.ort.onnx")
-    optimize_for_ort(onnx_path, path)  # what a bundle ships
-    return path
-
-
-@pytest.fixture(scope="module")
-def session(optimized_path) -> ort.InferenceSession:
-    return ort.InferenceSession(str(optimized_path), providers=["CPUExecutionProvider"])
+def session(onnx_path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
 
 
 def test_spec(comp, model):
@@ -124,15 +132,31 @@ def test_sample_inputs_are_meaningful(comp, task):
     assert x["clean_mask"][0] == (task == "i2v") and (x["reference"].shape[2] > 0) == (task == "r2v")
 
 
-@pytest.mark.parametrize("which_file", ["exported", "ort-optimized"])
-def test_export_parity_and_graph(comp, onnx_path, optimized_path, which_file):
-    path = onnx_path if which_file == "exported" else optimized_path
-    check_graph(path)  # no DOUBLE, no Scatter (the RoPE patch is on during export)
+def test_export_parity_and_graph(comp, onnx_path):
+    check_graph(onnx_path)  # no DOUBLE, no Scatter (the RoPE patch is on during export)
     cases = {"opt": dict(which="opt", seed=101), "min": dict(which="min", seed=102),
              **{task: dict(which="opt", seed=103, task=task) for task in ("t2v", "i2v", "v2v")},
              "1-row-1-ref": dict(which="max", seed=104, overrides={"rows": 1, "ref_frames": 1})}
-    rows = parity_gate(comp, path, cases)
+    rows = parity_gate(comp, onnx_path, cases)
     assert len(rows) == 3 * len(cases)
+
+
+def test_export_checks_the_raw_graph(comp, tmp_path, monkeypatch):
+    """`export_component` runs `check_graph` on what the exporter wrote, before any optimisation could fold a
+    DOUBLE away: a bundle's raw step graph passed it. The exporter is stubbed with a hand-made DOUBLE graph."""
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2])
+    nodes = [onnx.helper.make_node("Cast", ["x"], ["x64"], to=onnx.TensorProto.DOUBLE),
+             onnx.helper.make_node("Cast", ["x64"], ["y"], to=onnx.TensorProto.FLOAT)]
+    graph = onnx.helper.make_model(onnx.helper.make_graph(nodes, "g", [x], [y]))
+
+    class Program:
+        def save(self, path, external_data=False):
+            onnx.save(graph, path)
+
+    monkeypatch.setattr(torch.onnx, "export", lambda *args, **kwargs: Program())
+    with pytest.raises(ExportError, match="DOUBLE"):
+        export_component(comp, tmp_path / "denoise.onnx")
 
 
 @torch.no_grad()
@@ -205,8 +229,9 @@ def test_rope_patch_is_bit_identical_and_restores(model):
     assert torch.equal(stock, patched)
 
 
-def test_rope_patch_removes_scatter():
-    """Stock Wan attention exports ScatterND (the reason for the patch); patched, none is left."""
+def test_rope_patch_removes_scatter(onnx_path):
+    """Stock Wan attention exports ScatterND (the reason for the patch: one tiny attention exported without
+    it); patched, none is left (the bundle's whole step graph, exported with it)."""
     from diffusers.models.transformers.transformer_wan import WanAttention, WanAttnProcessor, WanRotaryPosEmbed
 
     from mc_export.export.onnx_export import _quiet
@@ -222,9 +247,8 @@ def test_rope_patch_removes_scatter():
 
     torch.manual_seed(0)
     args = (torch.randn(1, 4, 2, 4, 4), torch.randn(1, 8, 32))
-    counts = []
-    for patch in (False, True):
-        with torch.no_grad(), _quiet(), (wan_rope_without_scatter() if patch else torch.no_grad()):
-            graph = torch.onnx.export(Attention().eval(), args, dynamo=True, optimize=False).model_proto.graph
-        counts.append(sum(n.op_type.startswith("Scatter") for n in graph.node))
-    assert counts[0] > 0 and counts[1] == 0
+    with torch.no_grad(), _quiet():
+        stock = torch.onnx.export(Attention().eval(), args, dynamo=True, optimize=False).model_proto.graph
+    patched = onnx.load(str(onnx_path), load_external_data=False).graph
+    assert sum(n.op_type.startswith("Scatter") for n in stock.node) > 0
+    assert sum(n.op_type.startswith("Scatter") for n in patched.node) == 0
