@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from mc_export.components.ranges import BuildRanges, default_ranges
-from mc_export.errors import BuildError, ConfigError, MetaCanvasError
+from mc_export.errors import BuildError, ConfigError
 from runtime.errors import MetaCanvasRuntimeError
 from runtime.manifest import BUNDLE_FORMAT, SCHEMA_VERSION, Manifest
 
@@ -193,12 +193,11 @@ def _write_tokenizer(model, tmp: Path) -> dict[str, str]:
 
 
 def _manifest(cfg: BuildConfig, model, ranges: BuildRanges, steps: int, key: str, engines, files) -> Manifest:
+    from mc_export.components.common import scheduler_config as scheduler_config_of
     from runtime.schedulers import make_plan
 
     mc = model.cfg
-    scheduler_config = dict(model.adapter.scheduler.config)
-    scheduler_config = {k: v for k, v in scheduler_config.items() if not k.startswith("_") or k == "_class_name"}
-    scheduler_config["_class_name"] = type(model.adapter.scheduler).__name__
+    scheduler_config = scheduler_config_of(model.adapter)
     d = model.defaults
     plan = None
     if not scheduler_config.get("use_dynamic_shifting"):  # FLUX's plan depends on the image size: at run time

@@ -20,11 +20,10 @@ _VISION_TASKS = {"edit", "i2v", "v2v", "r2v"}
 
 def scheduler_history(model) -> int:
     """K, the multistep history of the backbone's scheduler plan (0 for Euler)."""
+    from mc_export.components.common import scheduler_config
     from runtime.schedulers import make_plan
 
-    config = {**model.adapter.scheduler.config, "_class_name": type(model.adapter.scheduler).__name__}
-    config = {k: v for k, v in config.items() if not k.startswith("_") or k == "_class_name"}
-    return make_plan(config, 2, image_seq_len=256).history
+    return make_plan(scheduler_config(model.adapter), 2, image_seq_len=256).history
 
 
 def plan_stages(model, ranges: BuildRanges) -> dict[str, Component]:

@@ -167,7 +167,8 @@ class Pipeline:
         ids, mask = self.tokenizer.encode_batch(prompts, [n_image] * rows, [n_video] * rows, allow_empty=True)
         lo, hi = self.manifest.ranges["prompt_tokens"]
         if not lo <= ids.shape[1] <= hi:
-            if ids.shape[1] < lo:  # short prompts: pad on the left to the build's minimum
+            if ids.shape[1] < lo:  # pad on the left to the build's minimum: the DiT then sees zero rows there,
+                # as with diffusers' fixed-length text padding (the default builds take length 1 and never pad)
                 ids, mask = self.tokenizer.encode_batch(prompts, [n_image] * rows, [n_video] * rows,
                                                         allow_empty=True, pad_to=lo)
             else:
@@ -175,6 +176,7 @@ class Pipeline:
         f = self.planner_facts
         # grids are consumed in order, row after row: every row sees the same vision inputs
         grids = {k: np.tile(v, (rows, 1)) for k, v in self._grids(images, video).items()}
+        # the prefix positions only: the planner graph derives the canvas positions itself
         pos = planner_position_ids(ids, mask, image_token_id=f["image_token_id"], video_token_id=f["video_token_id"],
                                    canvas=(1, 1, 1), spatial_merge_size=f["spatial_merge_size"],
                                    tokens_per_second=f["tokens_per_second"], **grids)[:, :, : ids.shape[1]]

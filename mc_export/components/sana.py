@@ -38,8 +38,8 @@ import torch
 from torch import nn
 
 from mc_export.components.denoise import cfg_combine, scheduler_update, state_specs
-from mc_export.components.flux import (ROWS, UINT8_TOLERANCE, batch_range, pixels_to_uint8, plan_row,
-                                       sample_pixels, scaled, scheduler_config)
+from mc_export.components.common import (ROWS, UINT8_TOLERANCE, batch_range, pixels_to_uint8, plan_row,
+                                         sample_pixels, scaled, scheduler_config)
 from mc_export.components.ranges import BuildRanges
 from mc_export.components.spec import Component, ComponentSpec
 from mc_export.errors import ConfigError

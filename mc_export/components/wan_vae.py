@@ -15,14 +15,11 @@ from __future__ import annotations
 import numpy as np
 from torch import nn
 
+from mc_export.components.common import scaled
 from mc_export.components.ranges import BuildRanges
 from mc_export.components.spec import Component, ComponentSpec, Tolerance
 from mc_export.export.wan_vae_stream import CHUNK_FRAMES, WanStreamingDecoder, WanStreamingEncoder
 from runtime.tensor_spec import TensorSpec
-
-
-def _times(k: int, symbol: str) -> str:
-    return symbol if k == 1 else f"{k}*{symbol}"
 
 
 class WanVaeStage(Component):
@@ -35,11 +32,11 @@ class WanVaeStage(Component):
         token = model.adapter.patch[1]  # latent rows per DiT token row
         spatial = self._module.spatial  # pixels per latent row
         dims = {k: v for k, v in ranges.token_dims(model.adapter).items() if k in ("h_tok", "w_tok")}
-        lat = (1, vae.config.z_dim, 1, _times(token, "h_tok"), _times(token, "w_tok"))
+        lat = (1, vae.config.z_dim, 1, scaled(token, "h_tok"), scaled(token, "w_tok"))
         frames = 1 if (first or part == "decoder") else CHUNK_FRAMES
         pix_frames = (1 if first else CHUNK_FRAMES) if part == "decoder" else frames
-        pix = (1, 3, pix_frames, _times(token * spatial, "h_tok"), _times(token * spatial, "w_tok"))
-        caches = [(s, (1, s.channels, s.frames, _times(token * s.factor, "h_tok"), _times(token * s.factor, "w_tok")))
+        pix = (1, 3, pix_frames, scaled(token * spatial, "h_tok"), scaled(token * spatial, "w_tok"))
+        caches = [(s, (1, s.channels, s.frames, scaled(token * s.factor, "h_tok"), scaled(token * s.factor, "w_tok")))
                   for s in self._module.slots]
         x_name, y_name = self._module.input_name, self._module.output_name
         x_dims, y_dims = (lat, pix) if part == "decoder" else (pix, lat)

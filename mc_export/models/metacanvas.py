@@ -8,12 +8,11 @@ import dataclasses
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mc_export.errors import CheckpointError, ConfigError, InputError
+from mc_export.errors import CheckpointError, InputError
 from mc_export.models import checkpoint as ckpt
 from mc_export.models.backbones.base import Conditioning, SampleOutput
 from mc_export.models.config import MetaCanvasConfig

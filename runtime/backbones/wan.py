@@ -85,7 +85,7 @@ class Host:
 
     # the request -----------------------------------------------------------------------------------------
     def prepare(self, req, planned):
-        pipe, facts = self.pipe, self.facts
+        pipe = self.pipe
         shape = pipe.denoise_shape("sample", req)  # (1, C, T, h, w)
         _, c, t, h, w = shape
         clean, clean_mask = np.zeros(shape, np.float32), np.zeros((t,), np.float32)
