@@ -75,6 +75,9 @@ def write_media(path: str | os.PathLike, frames: np.ndarray, fps: int = 16) -> N
 
             # H.264 wants even sizes; yuv420p keeps the file playable everywhere.
             iio.imwrite(tmp, _even(frames), fps=fps, codec="libx264")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; an output file gets the usual mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

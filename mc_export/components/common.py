@@ -55,11 +55,6 @@ def pixels_to_uint8(decoded: torch.Tensor) -> torch.Tensor:
     return x.round().to(torch.uint8).permute(0, 2, 3, 1)  # (B, H, W, 3)
 
 
-# CFG rows: 1 (one branch) or 2 ([negative, positive]). opt = 2 whatever the defaults: torch.export specialises a
-# dim whose example is 1 (the FLUX step then only takes rows = 1), and export runs at opt.
-ROWS = DimRange(1, 2, 2)
-
-
 def batch_range(ranges: BuildRanges) -> DimRange:
-    """Images per VAE call: up to the planner's image inputs (at least 2); opt = 2 for the reason ROWS gives."""
+    """Images per VAE call: up to the planner's image inputs (at least 2); opt = 2 for the reason denoise.ROWS gives."""
     return DimRange(1, 2, max(2, ranges.max_images))

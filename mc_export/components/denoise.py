@@ -20,10 +20,29 @@ from __future__ import annotations
 import torch
 
 from runtime.schedulers import COL_HISTORY, ROW_LAST, ROW_M, ROW_NEXT
-from runtime.tensor_spec import TensorSpec
+from runtime.tensor_spec import DimRange, TensorSpec
 
 STATE_INPUTS = ("last_sample", "history")
 STATE_OUTPUTS = ("next_last_sample", "next_history")
+# CFG rows: 1 (one branch) or 2 ([negative, positive]). opt = 2 whatever the defaults: torch.export specialises a
+# dim whose example is 1 (the step would then only take rows = 1), and export runs at opt.
+ROWS = DimRange(1, 2, 2)
+
+
+def step_inputs(sample: TensorSpec, text_dim: int, dit_dim: int, frames: int | str, history: int):
+    """The inputs every step graph takes first, in this order (the contract above): sample, prompt_embeds,
+    canvas, timestep, guidance_scale, coefficients. ``frames`` is the canvas' time dim (1 for images)."""
+    return (sample,
+            TensorSpec("prompt_embeds", "float32", ("rows", "prompt_tokens", text_dim)),
+            TensorSpec("canvas", "float32", ("rows", frames, "h_tok", "w_tok", dit_dim)),
+            TensorSpec("timestep", "float32", (1,)),
+            TensorSpec("guidance_scale", "float32", (1,)),
+            TensorSpec("coefficients", "float32", (3, 3 + history)))
+
+
+def step_dims(ranges) -> dict[str, DimRange]:
+    """The symbols every step graph has besides the token grid: CFG rows and prompt length."""
+    return {"rows": ROWS, "prompt_tokens": DimRange(*ranges.prompt_tokens)}
 
 
 def cfg_combine(output: torch.Tensor, guidance_scale: torch.Tensor) -> torch.Tensor:

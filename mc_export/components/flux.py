@@ -40,14 +40,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from mc_export.components.common import (ROWS, UINT8_TOLERANCE, batch_range, pixels_to_uint8, plan_row,
+from mc_export.components.common import (UINT8_TOLERANCE, batch_range, pixels_to_uint8, plan_row,
                                          sample_pixels, scaled, scheduler_config)
-from mc_export.components.denoise import cfg_combine, scheduler_update, state_specs
+from mc_export.components.denoise import cfg_combine, scheduler_update, state_specs, step_dims, step_inputs
 from mc_export.components.ranges import BuildRanges
 from mc_export.components.spec import Component, ComponentSpec
 from mc_export.errors import ConfigError
 from mc_export.models.backbones.flux import PACK, image_ids, pack_latents, unpack_latents
-from runtime.tensor_spec import DimRange, TensorSpec
+from runtime.tensor_spec import TensorSpec
 
 TRUE_CFG_SAMPLE = 3.0  # the true-CFG scale sample inputs use when rows = 2 (any value > 1 exercises the branch)
 
@@ -94,18 +94,13 @@ class FluxDenoise(Component):
         tok = ranges.token_dims(adapter)
         sample = TensorSpec("sample", "float32", (1, c, scaled(PACK, "h_tok"), scaled(PACK, "w_tok")))
         state_in, outputs = state_specs(sample, history)
-        inputs = (sample,
-                  TensorSpec("prompt_embeds", "float32", ("rows", "prompt_tokens", cfg.text_dim)),
-                  TensorSpec("canvas", "float32", ("rows", 1, "h_tok", "w_tok", cfg.dit_dim)),
-                  TensorSpec("timestep", "float32", (1,)),
-                  TensorSpec("guidance_scale", "float32", (1,)),
-                  TensorSpec("coefficients", "float32", (3, 3 + history)),
+        inputs = (*step_inputs(sample, cfg.text_dim, cfg.dit_dim, 1, history),
                   TensorSpec("image_latents", "float32", (1, c, scaled(PACK, "hc_tok"), scaled(PACK, "wc_tok"))),
                   TensorSpec("pooled_prompt_embeds", "float32", ("rows", cfg.pooled_dim)),
                   TensorSpec("guidance", "float32", (1,)),
                   *state_in)
-        dims = {"rows": ROWS, "prompt_tokens": DimRange(*ranges.prompt_tokens),
-                "h_tok": tok["h_tok"], "w_tok": tok["w_tok"], "hc_tok": tok["h_tok"], "wc_tok": tok["w_tok"]}
+        dims = {**step_dims(ranges), "h_tok": tok["h_tok"], "w_tok": tok["w_tok"], "hc_tok": tok["h_tok"],
+                "wc_tok": tok["w_tok"]}
         self.spec = ComponentSpec("denoise", inputs, outputs, dims, extra=self.runtime_facts())
 
     def module(self) -> nn.Module:

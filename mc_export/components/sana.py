@@ -37,13 +37,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from mc_export.components.denoise import cfg_combine, scheduler_update, state_specs
-from mc_export.components.common import (ROWS, UINT8_TOLERANCE, batch_range, pixels_to_uint8, plan_row,
+from mc_export.components.denoise import cfg_combine, scheduler_update, state_specs, step_dims, step_inputs
+from mc_export.components.common import (UINT8_TOLERANCE, batch_range, pixels_to_uint8, plan_row,
                                          sample_pixels, scaled, scheduler_config)
 from mc_export.components.ranges import BuildRanges
 from mc_export.components.spec import Component, ComponentSpec
 from mc_export.errors import ConfigError
-from runtime.tensor_spec import DimRange, TensorSpec
+from runtime.tensor_spec import TensorSpec
 
 
 class _SanaStep(nn.Module):
@@ -82,16 +82,10 @@ class SanaDenoise(Component):
         tok = ranges.token_dims(adapter)
         sample = TensorSpec("sample", "float32", (1, c, scaled(p, "h_tok"), scaled(p, "w_tok")))
         state_in, outputs = state_specs(sample, history)
-        inputs = (sample,
-                  TensorSpec("prompt_embeds", "float32", ("rows", "prompt_tokens", cfg.text_dim)),
-                  TensorSpec("canvas", "float32", ("rows", 1, "h_tok", "w_tok", cfg.dit_dim)),
-                  TensorSpec("timestep", "float32", (1,)),
-                  TensorSpec("guidance_scale", "float32", (1,)),
-                  TensorSpec("coefficients", "float32", (3, 3 + history)),
+        inputs = (*step_inputs(sample, cfg.text_dim, cfg.dit_dim, 1, history),
                   TensorSpec("prompt_mask", "int64", ("rows", "prompt_tokens")),
                   *state_in)
-        dims = {"rows": ROWS, "prompt_tokens": DimRange(*ranges.prompt_tokens), "h_tok": tok["h_tok"],
-                "w_tok": tok["w_tok"]}
+        dims = {**step_dims(ranges), "h_tok": tok["h_tok"], "w_tok": tok["w_tok"]}
         self.spec = ComponentSpec("denoise", inputs, outputs, dims, optimize=False, extra=self.runtime_facts())
 
     def module(self) -> nn.Module:

@@ -62,7 +62,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mc_export.components.denoise import cfg_combine, scheduler_update, state_specs
+from mc_export.components.denoise import cfg_combine, scheduler_update, state_specs, step_dims, step_inputs
 from mc_export.components.ranges import BuildRanges
 from mc_export.components.spec import Component, ComponentSpec
 from mc_export.errors import ConfigError
@@ -137,16 +137,10 @@ class WanDenoise(Component):
         self.model, self.adapter, self.history = model, adapter, history
         c, p = adapter.latent_channels, adapter.patch[1]
         latent = (1, c, "latent_frames", f"{p}*h_tok", f"{p}*w_tok")
-        dims = {"rows": DimRange(1, 2, 2), "prompt_tokens": DimRange(*ranges.prompt_tokens),
-                **ranges.token_dims(adapter)}
+        dims = {**step_dims(ranges), **ranges.token_dims(adapter)}
         sample = TensorSpec("sample", "float32", latent)
         state_in, outputs = state_specs(sample, history)
-        inputs = [sample,
-                  TensorSpec("prompt_embeds", "float32", ("rows", "prompt_tokens", cfg.text_dim)),
-                  TensorSpec("canvas", "float32", ("rows", "latent_frames", "h_tok", "w_tok", cfg.dit_dim)),
-                  TensorSpec("timestep", "float32", (1,)),
-                  TensorSpec("guidance_scale", "float32", (1,)),
-                  TensorSpec("coefficients", "float32", (3, 3 + history)),
+        inputs = [*step_inputs(sample, cfg.text_dim, cfg.dit_dim, "latent_frames", history),
                   *state_in,
                   TensorSpec("clean", "float32", latent),
                   TensorSpec("clean_mask", "float32", ("latent_frames",))]
