@@ -97,6 +97,9 @@ def _add_build(sub) -> None:
                                               "time)")
     p.add_argument("--seed", type=int, default=0, help="preset weights' seed")
     p.add_argument("--no-verify", action="store_true", help="skip the parity gates (not recommended)")
+    p.add_argument("--lazy-weights", default="auto", choices=["auto", "on", "off"],
+                   help="checkpoints: trace on the meta device and stream weights from disk into the ONNX files "
+                        "(auto: when the fp32 weights exceed half the available memory)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=_cmd_build)
 
@@ -113,7 +116,7 @@ def _cmd_build(args) -> None:
     cfg = BuildConfig(out=Path(args.out), backbone=args.backbone, preset=args.preset,
                       checkpoint=Path(args.checkpoint) if args.checkpoint else None, precision=args.precision,
                       target=args.target, range_overrides=overrides, steps=args.steps, seed=args.seed,
-                      verify=not args.no_verify)
+                      verify=not args.no_verify, lazy_weights=args.lazy_weights)
     resolved = cfg.validate()
     if resolved.target != args.target:
         print(f"--target auto: no usable GPU/TensorRT here, building for {resolved.target}", file=sys.stderr)

@@ -48,6 +48,9 @@ class BuildConfig:
     seed: int = 0  # presets only: the random weights' seed
     random_canvas: bool = True  # presets only: exercise the canvas path (random zero-init layers)
     verify: bool = True  # run the parity gates
+    # checkpoints only: "on" keeps the weights on disk (structure on `meta`, streamed into the ONNX files),
+    # "auto" does so when the checkpoint's fp32 weights exceed the memory budget (mc_export.models.lazy)
+    lazy_weights: str = "auto"
 
     def validate(self, gpu_available: bool | None = None) -> BuildConfig:
         """Resolve `auto` and check the combination; returns the resolved config."""
@@ -57,6 +60,10 @@ class BuildConfig:
             raise ConfigError(f"unknown target {self.target!r}; expected one of {', '.join(TARGETS)}")
         if self.checkpoint is None and self.backbone is None:
             raise ConfigError("give --backbone (with an optional --preset) or --checkpoint DIR")
+        if self.lazy_weights not in ("auto", "on", "off"):
+            raise ConfigError(f"lazy_weights must be auto, on or off, got {self.lazy_weights!r}")
+        if self.lazy_weights == "on" and self.checkpoint is None:
+            raise ConfigError("lazy weights need --checkpoint: preset weights are generated in memory")
         if self.checkpoint is not None and self.preset is not None:
             raise ConfigError("--preset and --checkpoint are exclusive: a checkpoint brings its own weights")
         gpu = _tensorrt_usable() if gpu_available is None else gpu_available
@@ -94,7 +101,7 @@ def load_model(cfg: BuildConfig):
     from mc_export.models.metacanvas import MetaCanvas
 
     if cfg.checkpoint is not None:
-        model = MetaCanvas.from_pretrained(cfg.checkpoint)
+        model = MetaCanvas.from_pretrained(cfg.checkpoint, lazy=use_lazy_weights(cfg))
         if cfg.backbone is not None and cfg.backbone != model.cfg.backbone:
             raise ConfigError(f"--backbone {cfg.backbone} but the checkpoint holds a {model.cfg.backbone} model")
         return model
@@ -103,8 +110,24 @@ def load_model(cfg: BuildConfig):
     return MetaCanvas.from_preset(cfg.backbone, cfg.preset, seed=cfg.seed, random_canvas=cfg.random_canvas)
 
 
+def use_lazy_weights(cfg: BuildConfig) -> bool:
+    """Whether a checkpoint build keeps its weights on disk (see `BuildConfig.lazy_weights`)."""
+    from mc_export.models import checkpoint as ckpt
+    from mc_export.models.lazy import checkpoint_fp32_bytes, memory_budget
+
+    if cfg.checkpoint is None or cfg.lazy_weights == "off":
+        return False
+    if cfg.lazy_weights == "on":
+        return True
+    ckpt.check_layout(Path(cfg.checkpoint))
+    return checkpoint_fp32_bytes(cfg.checkpoint) > memory_budget()
+
+
 def weights_hash(model) -> str:
-    """sha256 over every tensor (name, dtype, shape, bytes) in a fixed order: the build's content key."""
+    """sha256 over every tensor (name, dtype, shape, bytes) in a fixed order: the build's content key. A lazy
+    model (weights on disk) hashes its checkpoint's files instead, streamed."""
+    if getattr(model, "lazy_weights", None) is not None:
+        return "files:" + model.lazy_weights.content_hash()
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
@@ -176,9 +199,9 @@ def build(cfg: BuildConfig, log=print) -> Path:
         f"stages {', '.join(components)}")
 
     def populate(tmp: Path) -> Manifest:
-        engines, files = write_stages(components, tmp, cfg, log)
+        engines, files, gates = write_stages(components, tmp, cfg, log, getattr(model, "lazy_weights", None))
         files.update(_write_tokenizer(model, tmp))
-        return _manifest(cfg, model, ranges, steps, key, engines, files)
+        return _manifest(cfg, model, ranges, steps, key, engines, files, gates)
 
     from runtime.bundle import write_bundle
 
@@ -192,7 +215,8 @@ def _write_tokenizer(model, tmp: Path) -> dict[str, str]:
     return {"tokenizer.json": ""}
 
 
-def _manifest(cfg: BuildConfig, model, ranges: BuildRanges, steps: int, key: str, engines, files) -> Manifest:
+def _manifest(cfg: BuildConfig, model, ranges: BuildRanges, steps: int, key: str, engines, files,
+              gates: dict[str, str]) -> Manifest:
     from mc_export.components.common import scheduler_config as scheduler_config_of
     from runtime.schedulers import make_plan
 
@@ -216,8 +240,10 @@ def _manifest(cfg: BuildConfig, model, ranges: BuildRanges, steps: int, key: str
         canvas={"keyframes": mc.canvas_keyframes, "height": mc.canvas_height, "width": mc.canvas_width,
                 "tokens": mc.canvas_tokens},
         defaults={**dataclasses.asdict(d), "negative_prompt": ""},
-        build={"cache_key": key, "command": command, "source": _source(cfg), "tools": tool_versions(), "precision": cfg.precision,
-               "target": cfg.target, "metacanvas": mc.to_dict(), "ranges": ranges.to_json(),
+        build={"cache_key": key, "command": command, "source": _source(cfg), "tools": tool_versions(),
+               "precision": cfg.precision, "target": cfg.target, "metacanvas": mc.to_dict(),
+               "ranges": ranges.to_json(), "parity": gates,
+               "lazy_weights": getattr(model, "lazy_weights", None) is not None,
                "planner": {"image_token_id": qwen.image_token_id, "video_token_id": qwen.video_token_id,
                            "spatial_merge_size": qwen.vision_config.spatial_merge_size,
                            "tokens_per_second": qwen.vision_config.tokens_per_second,
@@ -236,8 +262,8 @@ def _source(cfg: BuildConfig) -> dict:
 def verify(bundle_dir: str | Path) -> list[str]:
     """Re-run every stage's parity gate: the bundle's engines against the PyTorch reference rebuilt from the
     manifest's recorded source. Returns the table's lines; raises StageParityError on a miss."""
-    from mc_export.export.onnx_export import TABLE_HEADER, parity_gate
-    from mc_export.stages import plan_stages
+    from mc_export.export.onnx_export import TABLE_HEADER
+    from mc_export.stages import gate_stage, plan_stages
     from runtime.bundle import load_bundle
 
     bundle = load_bundle(bundle_dir)
@@ -256,8 +282,10 @@ def verify(bundle_dir: str | Path) -> list[str]:
                          prompt_tokens=tuple(r["prompt_tokens"]), max_images=r["max_images"],
                          max_reference_frames=r["max_reference_frames"])
     lines = [TABLE_HEADER]
+    weights = getattr(model, "lazy_weights", None)
     for stage, comp in plan_stages(model, ranges).items():
         if stage not in m.engines:
             raise ConfigError(f"{bundle.path} has no {stage!r} engine; rebuild it")
-        lines += [row.fmt() for row in parity_gate(comp, bundle.engine_path(stage))]
+        rows, skipped = gate_stage(comp, bundle.engine_path(stage), weights)
+        lines += [row.fmt() for row in rows] if rows else [f"{stage:<14} not gated: {skipped}"]
     return lines

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -38,27 +39,63 @@ def plan_stages(model, ranges: BuildRanges) -> dict[str, Component]:
     return stages
 
 
-def write_stages(components: dict[str, Component], bundle_dir: Path, cfg, log) -> tuple[dict, dict]:
-    """Export, optimise and gate every stage into ``bundle_dir``. Returns (engines, extra files) for the
-    manifest. A stage that misses its tolerance raises StageParityError and the bundle is never written."""
+def gate_stage(comp: Component, onnx_path: Path, weights=None) -> tuple[list, str]:
+    """The stage's parity gate (raises StageParityError on a miss). With lazy ``weights``, the stage is loaded
+    alone for the gate when it fits the memory budget; otherwise it is not gated. Returns (rows, why not
+    gated): rows empty when skipped."""
+    from mc_export.models.lazy import fp32_bytes, materialized, memory_budget
+
+    if weights is None:
+        return parity_gate(comp, onnx_path), ""
+    module = comp.module()
+    need, budget = fp32_bytes(module), memory_budget()
+    if need > budget:
+        return [], (f"{need / 2**30:.1f} GiB of fp32 weights > the {budget / 2**30:.1f} GiB budget; run "
+                    "`python -m mc_export verify --bundle DIR` on a machine with ~" f"{3 * need / 2**30:.0f} GiB")
+    with materialized(module, weights):
+        return parity_gate(comp, onnx_path), ""
+
+
+def _place(raw: Path, final: Path, weights, comp: Component) -> None:
+    """ORT's offline optimisation into the bundle, or (a lazy stage larger than the memory budget: ORT would
+    hold all of it) the raw export moved as it is; ORT then optimises at load time."""
+    from mc_export.models.lazy import fp32_bytes, memory_budget
+
+    if weights is not None and fp32_bytes(comp.module()) > memory_budget():
+        for src in (raw, raw.with_name(raw.name + ".data")):
+            if src.exists():
+                shutil.move(src, final.with_name(final.name + src.name[len(raw.name):]))
+        return
+    optimize_for_ort(raw, final)
+
+
+def write_stages(components: dict[str, Component], bundle_dir: Path, cfg, log, weights=None):
+    """Export, optimise and gate every stage into ``bundle_dir``. Returns (engines, extra files, gates) for the
+    manifest; gates: stage -> "passed" or why it was not gated. A stage that misses its tolerance raises
+    StageParityError and the bundle is never written. ``weights``: lazy weights (`mc_export.models.lazy`)."""
     import onnxruntime as ort
 
-    engines, files = {}, {}
+    engines, files, gates = {}, {}, {}
     with tempfile.TemporaryDirectory(prefix="mc_export-") as scratch:
         bar = tqdm(components.items(), desc="stages", unit="stage", disable=None)
         for stage, comp in bar:
             bar.set_postfix_str(stage)
             raw = Path(scratch) / f"{stage}.onnx"
-            export_component(comp, raw)
+            export_component(comp, raw, weights=weights)
             final = bundle_dir / f"{stage}.onnx"
-            optimize_for_ort(raw, final)
+            _place(raw, final, weights, comp)
+            gates[stage] = "not run (--no-verify)"
             if cfg.verify:
-                rows = parity_gate(comp, final)
-                worst = max(rows, key=lambda r: r.max_rel)
-                log(f"  {stage}: parity ok (worst {worst.output} max_rel {worst.max_rel:.2e}, "
-                    f"cosine {min(r.cosine for r in rows):.7f})")
+                rows, skipped = gate_stage(comp, final, weights)
+                gates[stage] = f"not gated: {skipped}" if skipped else "passed"
+                if rows:
+                    worst = max(rows, key=lambda r: r.max_rel)
+                    log(f"  {stage}: parity ok (worst {worst.output} max_rel {worst.max_rel:.2e}, "
+                        f"cosine {min(r.cosine for r in rows):.7f})")
+                else:
+                    log(f"  {stage}: parity gate skipped: {skipped}")
             external = tuple(p.name for p in bundle_dir.glob(f"{stage}.onnx.data"))
             files.update({name: "" for name in external})
             engines[stage] = comp.spec.engine_entry(final.name, "onnxruntime", ort.__version__, cfg.precision,
                                                     external_data=external)
-    return engines, files
+    return engines, files, gates

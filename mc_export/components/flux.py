@@ -69,7 +69,8 @@ class _FluxStep(nn.Module):
         x = pack_latents(sample).expand(rows, -1, -1)  # (rows, h*w, 4C)
         context = pack_latents(image_latents).expand(rows, -1, -1)  # (rows, hc*wc, 4C)
         txt_ids = prompt_embeds.new_zeros(prompt_embeds.shape[1], 3)  # (L, 3)
-        img_ids = torch.cat([image_ids(h_tok, w_tok), image_ids(hc_tok, wc_tok, first=1.0)])  # (N_tgt + N_ctx, 3)
+        img_ids = torch.cat([image_ids(h_tok, w_tok, device=sample.device),
+                             image_ids(hc_tok, wc_tok, first=1.0, device=sample.device)])  # (N_tgt + N_ctx, 3)
         v = self.adapter.denoise(x, context, timestep.expand(rows), guidance.expand(rows), prompt_embeds,
                                  pooled_prompt_embeds, txt_ids, img_ids, canvas)  # (rows, h*w, 4C)
         v = unpack_latents(cfg_combine(v, guidance_scale), h_tok, w_tok)  # (1, C, 2h, 2w)

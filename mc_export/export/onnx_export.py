@@ -15,6 +15,7 @@ import torch
 
 from mc_export.components.spec import Component
 from mc_export.errors import ExportError, StageParityError
+from mc_export.models.lazy import buffers_on_meta
 
 OPSET = 20
 TWO_GB = 2**31 - 2**20  # protobuf's hard limit, less a margin for the graph itself
@@ -33,33 +34,72 @@ def _quiet():
             logging.getLogger("torch.onnx").setLevel(level)
 
 
-def export_component(comp: Component, path: Path, opset: int = OPSET) -> list[Path]:
+def export_component(comp: Component, path: Path, opset: int = OPSET, weights=None) -> list[Path]:
     """Export ``comp`` to ``path`` (one graph covering every shape its spec allows). Returns the files written:
-    the .onnx, plus ``<name>.data`` when the weights pass 2 GB (ONNX external data)."""
+    the .onnx, plus ``<name>.data`` when the weights pass 2 GB (ONNX external data).
+
+    ``weights`` (`mc_export.models.lazy.LazyWeights`): the module's parameters are on `meta`; the graph is
+    traced from the structure alone and each weight is streamed from the checkpoint into the file as it is
+    written, so a model larger than memory exports (../shared/FINDINGS.md: meta export, then apply weights).
+    """
     from mc_export.export.patches import export_patches
 
     spec = comp.spec
     args = comp.torch_inputs(comp.sample_inputs("opt", seed=0))
     module = comp.module().eval()
     n_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+    if weights is not None:
+        args = tuple(a.to("meta") for a in args)
     path = Path(path)
     # FakeTensor's dispatch cache costs more than it saves on these graphs (symbolic 5-D shapes): ~1.5x faster
     # exports without it (torch 2.13).
-    with torch.no_grad(), export_patches(), _quiet(), torch._dynamo.config.patch(fake_tensor_cache_enabled=False):
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.no_grad())
+        stack.enter_context(export_patches())
+        stack.enter_context(_quiet())
+        stack.enter_context(torch._dynamo.config.patch(fake_tensor_cache_enabled=False))
+        buffers = stack.enter_context(buffers_on_meta(module)) if weights is not None else {}
         program = torch.onnx.export(
             module, args, dynamo=True, input_names=spec.input_names, output_names=spec.output_names,
-            dynamic_shapes=comp.export_dynamic_shapes(), opset_version=opset, optimize=spec.optimize,
-            external_data=n_bytes > TWO_GB, verbose=False)
-        if n_bytes > TWO_GB:
-            program.save(str(path), external_data=True)
-        else:
-            program.save(str(path), external_data=False)
+            dynamic_shapes=comp.export_dynamic_shapes(), opset_version=opset,
+            # onnxscript's optimizer folds constants: it would read the (absent) meta weights
+            optimize=spec.optimize and weights is None, external_data=n_bytes > TWO_GB, verbose=False)
+        if weights is not None:
+            _stream_weights(program, weights.refs(module), buffers, path)
+        program.save(str(path), external_data=n_bytes > TWO_GB)
     files = [path]
     data = path.with_name(path.name + ".data")
     if data.exists():
         files.append(data)
     check_graph(path)
     return files
+
+
+def _stream_weights(program, refs, buffers: dict[str, torch.Tensor], path: Path) -> None:
+    """Point every initializer of a meta export at its checkpoint tensor (read when the file is written) or at
+    its buffer's real value."""
+    import onnx_ir as ir
+
+    graph = program.model.graph
+    for name, value in buffers.items():
+        if name in graph.initializers:
+            graph.initializers[name].const_value = ir.tensor(value.numpy(), name=name)
+    for name, ref in refs.items():
+        value = graph.initializers.get(name)
+        if value is None:  # a parameter the traced graph does not use
+            continue
+        if value.const_value.dtype != ir.DataType.FLOAT:
+            raise ExportError(f"{path.name}: weight {name} is {value.const_value.dtype}, expected float32")
+        value.const_value = ir.LazyTensor(lambda ref=ref: ir.tensor(ref.load(torch.float32).numpy()),
+                                          dtype=ir.DataType.FLOAT, shape=ir.Shape(ref.shape), name=name)
+    missing = [n for n, v in graph.initializers.items() if _is_meta(v.const_value)]
+    if missing:
+        raise ExportError(f"{path.name}: initializers without values after a meta export: {missing[:5]}")
+
+
+def _is_meta(tensor) -> bool:
+    raw = getattr(tensor, "raw", None)
+    return isinstance(raw, torch.Tensor) and raw.is_meta
 
 
 def check_graph(path: Path) -> None:

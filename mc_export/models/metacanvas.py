@@ -48,6 +48,19 @@ def _scheduler_from_config(config: dict):
     return getattr(diffusers, name).from_config(config)
 
 
+def read_checkpoint_configs(path: Path) -> tuple[MetaCanvasConfig, SamplingDefaults, tuple[type, type]]:
+    """A checkpoint folder's MetaCanvas config, sampling defaults and diffusers classes, all checked."""
+    ckpt.check_layout(path)
+    cfg = MetaCanvasConfig.from_dict(ckpt.read_json(path / "metacanvas" / "config.json"))
+    sampling = path / "metacanvas" / "sampling.json"
+    defaults = SamplingDefaults(**ckpt.read_json(sampling)) if sampling.is_file() else \
+        get_preset(cfg.backbone, "full").defaults
+    t_cls, v_cls = ckpt.diffusers_classes(cfg.backbone)
+    ckpt.check_class(path, "transformer", t_cls.__name__)
+    ckpt.check_class(path, "vae", v_cls.__name__)
+    return cfg, defaults, (t_cls, v_cls)
+
+
 class MetaCanvas(nn.Module):
     """Planner (Qwen2.5-VL + canvas tokens + LoRA), context MLP, canvas preparation and injector, and a
     stock diffusers backbone (transformer, VAE, scheduler) behind its adapter."""
@@ -211,29 +224,30 @@ class MetaCanvas(nn.Module):
                       metadata={"format": "pt"})
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> MetaCanvas:
-        """Load a checkpoint folder offline (safetensors only, never pickle)."""
+    def from_pretrained(cls, path: str | Path, lazy: bool = False) -> MetaCanvas:
+        """Load a checkpoint folder offline (safetensors only, never pickle).
+
+        ``lazy``: build the structure on `meta` and leave the weights on disk (`mc_export.models.lazy`), for
+        models larger than memory; export streams them into the ONNX files one tensor at a time."""
         from transformers import Qwen2_5_VLForConditionalGeneration
 
         from mc_export.models.planner import Planner
         from mc_export.models.tokenizer import load_tokenizer
 
+        if lazy:
+            from mc_export.models.lazy import load_lazy
+
+            return load_lazy(path)
         path = Path(path)
-        ckpt.check_layout(path)
-        cfg = MetaCanvasConfig.from_dict(ckpt.read_json(path / "metacanvas" / "config.json"))
-        sampling = path / "metacanvas" / "sampling.json"
-        defaults = SamplingDefaults(**ckpt.read_json(sampling)) if sampling.is_file() else \
-            get_preset(cfg.backbone, "full").defaults
-        t_cls, v_cls = ckpt.diffusers_classes(cfg.backbone)
-        ckpt.check_class(path, "transformer", t_cls.__name__)
-        ckpt.check_class(path, "vae", v_cls.__name__)
+        cfg, defaults, (t_cls, v_cls) = read_checkpoint_configs(path)
         load = dict(local_files_only=True, use_safetensors=True)
         qwen = Qwen2_5_VLForConditionalGeneration.from_pretrained(path / "planner", attn_implementation="sdpa",
                                                                    **load)
         transformer = t_cls.from_pretrained(path / "transformer", **load)
         vae = v_cls.from_pretrained(path / "vae", **load)
         scheduler = _scheduler_from_config(ckpt.read_json(path / "scheduler" / "scheduler_config.json"))
-        model = cls(cfg, Planner(qwen, cfg), transformer, vae, scheduler, load_tokenizer(path / "planner", cfg.max_prompt_tokens), defaults)
+        model = cls(cfg, Planner(qwen, cfg), transformer, vae, scheduler,
+                    load_tokenizer(path / "planner", cfg.max_prompt_tokens), defaults)
         model._load_metacanvas(load_file(str(path / "metacanvas" / "model.safetensors")))
         _own_aligned_memory(model)
         return model.eval()

@@ -47,14 +47,14 @@ def unpack_latents(packed: torch.Tensor, h_tok: int, w_tok: int) -> torch.Tensor
     return x.reshape(b, c4 // 4, h_tok * PACK, w_tok * PACK)  # (B, C, 2h, 2w)
 
 
-def image_ids(h_tok: int, w_tok: int, first: float = 0.0) -> torch.Tensor:
+def image_ids(h_tok: int, w_tok: int, first: float = 0.0, device: torch.device | None = None) -> torch.Tensor:
     """RoPE ids (h*w, 3) = (first, row, col) per token; first = 1 marks Kontext context-image tokens.
 
     The pipeline's values (float32 whole numbers), built without in-place writes: with symbolic sizes (the
     exported denoise step computes its ids from the latents' shapes) slice assignment would export as Scatter.
     """
-    rows = torch.arange(h_tok, dtype=torch.float32)[:, None].expand(h_tok, w_tok)  # (h, w)
-    cols = torch.arange(w_tok, dtype=torch.float32)[None, :].expand(h_tok, w_tok)  # (h, w)
+    rows = torch.arange(h_tok, dtype=torch.float32, device=device)[:, None].expand(h_tok, w_tok)  # (h, w)
+    cols = torch.arange(w_tok, dtype=torch.float32, device=device)[None, :].expand(h_tok, w_tok)  # (h, w)
     ids = torch.stack([torch.full_like(rows, first), rows, cols], dim=-1)  # (h, w, 3)
     return ids.reshape(h_tok * w_tok, 3)  # (h*w, 3)
 
