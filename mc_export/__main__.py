@@ -100,6 +100,7 @@ def _add_build(sub) -> None:
     p.add_argument("--lazy-weights", default="auto", choices=["auto", "on", "off"],
                    help="checkpoints: trace on the meta device and stream weights from disk into the ONNX files "
                         "(auto: when the fp32 weights exceed half the available memory)")
+    p.add_argument("--recipe", help="int8/fp8: a recipe JSON file (`python -m calib recipe` prints the default)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=_cmd_build)
 
@@ -113,10 +114,22 @@ def _cmd_build(args) -> None:
         print("no --checkpoint given: building the tiny preset (seeded random weights)", file=sys.stderr)
     overrides = tuple((k, getattr(args, k)) for k in ("height", "width", "frames", "prompt_tokens")
                       if getattr(args, k) is not None)
+    recipe = None
+    if args.recipe:
+        import json
+
+        from calib.recipes import Recipe
+        from mc_export.errors import ConfigError
+
+        try:
+            recipe = Recipe.from_json(json.loads(Path(args.recipe).read_text()))
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"cannot read the recipe {args.recipe}: {e}") from e
     cfg = BuildConfig(out=Path(args.out), backbone=args.backbone, preset=args.preset,
                       checkpoint=Path(args.checkpoint) if args.checkpoint else None, precision=args.precision,
                       target=args.target, range_overrides=overrides, steps=args.steps, seed=args.seed,
-                      verify=not args.no_verify, lazy_weights=args.lazy_weights)
+                      verify=not args.no_verify, lazy_weights=args.lazy_weights,
+                      recipe=recipe)
     resolved = cfg.validate()
     if resolved.target != args.target:
         print(f"--target auto: no usable GPU/TensorRT here, building for {resolved.target}", file=sys.stderr)

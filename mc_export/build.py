@@ -23,10 +23,11 @@ from runtime.errors import MetaCanvasRuntimeError
 from runtime.manifest import BUNDLE_FORMAT, SCHEMA_VERSION, Manifest
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
+QUANTIZED = ("int8", "fp8")  # precisions built by calibration (calib/)
 TARGETS = ("auto", "onnxruntime", "tensorrt")
-# What each target can build today. Quantised formats arrive with calibration (calib/), TensorRT with its
-# builder; asking for them is a clear error that names what this machine can do.
-SUPPORTED = {"onnxruntime": ("fp32",)}
+# What each target can build today; asking for anything else is a clear error that names what can. fp8 on
+# ONNX Runtime runs emulated (slower than fp32): it measures FP8 accuracy on a CPU; TensorRT runs it for real.
+SUPPORTED = {"onnxruntime": ("fp32", "int8", "fp8")}
 # Image/video inputs per task: which stages a bundle needs beyond planner + denoise + vae_decoder.
 _NEEDS_VISION = {"edit", "i2v", "v2v", "r2v"}
 _NEEDS_VAE_ENCODER = {"edit", "i2v", "v2v", "r2v"}
@@ -51,6 +52,7 @@ class BuildConfig:
     # checkpoints only: "on" keeps the weights on disk (structure on `meta`, streamed into the ONNX files),
     # "auto" does so when the checkpoint's fp32 weights exceed the memory budget (mc_export.models.lazy)
     lazy_weights: str = "auto"
+    recipe: object = None  # calib.recipes.Recipe for int8/fp8; None: the backbone's default recipe
 
     def validate(self, gpu_available: bool | None = None) -> BuildConfig:
         """Resolve `auto` and check the combination; returns the resolved config."""
@@ -64,6 +66,9 @@ class BuildConfig:
             raise ConfigError(f"lazy_weights must be auto, on or off, got {self.lazy_weights!r}")
         if self.lazy_weights == "on" and self.checkpoint is None:
             raise ConfigError("lazy weights need --checkpoint: preset weights are generated in memory")
+        if self.recipe is not None and getattr(self.recipe, "format", None) != self.precision:
+            raise ConfigError(f"a {getattr(self.recipe, 'format', '?')} recipe cannot build --precision "
+                              f"{self.precision}")
         if self.checkpoint is not None and self.preset is not None:
             raise ConfigError("--preset and --checkpoint are exclusive: a checkpoint brings its own weights")
         gpu = _tensorrt_usable() if gpu_available is None else gpu_available
@@ -151,6 +156,10 @@ def cache_key(cfg: BuildConfig, model, ranges: BuildRanges, steps: int) -> str:
     payload = {"weights": weights_hash(model), "metacanvas": model.cfg.to_dict(), "precision": cfg.precision,
                "target": cfg.target, "ranges": ranges.to_json(), "steps": steps, "tools": tool_versions(),
                "verify": cfg.verify, "schema": SCHEMA_VERSION}
+    if cfg.precision in QUANTIZED:
+        from calib.build import recipe_for
+
+        payload["recipe"] = recipe_for(cfg, model).digest()
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -193,6 +202,12 @@ def build(cfg: BuildConfig, log=print) -> Path:
     out = Path(cfg.out)
     if _cached(out, key):
         log(f"{out}: up to date (cache key {key[:12]}), nothing to build")
+        return out
+    if cfg.precision in QUANTIZED:
+        from calib.build import build_quantized
+
+        build_quantized(cfg, model, ranges, steps, key, log)
+        log(f"wrote {out} in {time.perf_counter() - started:.0f} s")
         return out
     components = plan_stages(model, ranges)
     log(f"building {model.cfg.backbone} ({cfg.preset or 'checkpoint'}) for {cfg.target} {cfg.precision}: "

@@ -1,0 +1,324 @@
+"""Calibrate, quantize and gate one stage; move the most sensitive layers back to float until the recipe's
+budget holds (or fail with the measured numbers).
+
+    float bundle --capture--> calibration feeds (every step, both CFG rows) and held-out requests
+    raw float ONNX --fold transposes [--SmoothQuant]--> prepared --ORT calibrator--> activation ranges (cached)
+    prepared + ranges + layers --ORT QDQ quantizer--> QDQ ONNX (TensorRT's explicit quantization takes it)
+    QDQ --ORT offline optimisation--> the CPU model (integer kernels: MatMulInteger / QLinearConv ...)
+    gates: per-stage cosine of the step's update on held-out feeds; mean PSNR of decoded frames vs float
+
+Memory: one stage at a time. Capture runs the float bundle's engines; calibration and evaluation hold the
+float and the quantized copies of the quantized stage only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from calib import capture as cap
+from calib.graph import fold_weight_transposes, integer_kernels, qdq_fp8, smooth, weight_layers
+from calib.recipes import Recipe
+from mc_export.errors import BuildError
+
+
+@dataclass
+class StageMetrics:
+    """Accuracy of one quantized candidate against the float bundle."""
+
+    psnr_db: list[float]  # per held-out request, decoded frames (uint8, peak 255)
+    stage_cosine: float  # worst cosine over held-out calls of the step's update (next_sample - sample)
+    stage_max_rel: float
+
+    @property
+    def mean_psnr_db(self) -> float:
+        return float(np.mean(self.psnr_db))
+
+    def passes(self, recipe: Recipe) -> bool:
+        b = recipe.budget
+        return self.mean_psnr_db >= b.min_psnr_db and self.stage_cosine >= b.min_stage_cosine
+
+    def shortfall(self, recipe: Recipe) -> str:
+        b = recipe.budget
+        return (f"mean PSNR {self.mean_psnr_db:.2f} dB (budget {b.min_psnr_db} dB, min over requests "
+                f"{min(self.psnr_db):.2f} dB), stage cosine {self.stage_cosine:.6f} (budget {b.min_stage_cosine})")
+
+    def to_json(self) -> dict:
+        return {"mean_psnr_db": self.mean_psnr_db, "min_psnr_db": float(min(self.psnr_db)),
+                "stage_cosine": self.stage_cosine, "stage_max_rel": self.stage_max_rel}
+
+
+@dataclass
+class QuantizedStage:
+    qdq_path: Path  # explicit-quantization QDQ graph (TensorRT)
+    cpu_path: Path  # ORT-optimised (integer kernels), what an onnxruntime bundle ships
+    quantized: list[str]  # weight names (module paths) running in 8 bits
+    kept_float: list[str]  # by the recipe
+    fallback: list[str]  # moved back to float by the sensitivity loop, in order
+    metrics: StageMetrics
+    rounds: list[dict] = field(default_factory=list)
+    integer_kernels: dict[str, int] = field(default_factory=dict)
+
+    def manifest_record(self, recipe: Recipe) -> dict:
+        return {"recipe": recipe.to_json(), "recipe_sha256": recipe.digest(),
+                "quantized_layers": len(self.quantized),
+                "kept_float": self.kept_float, "fallback": self.fallback, "metrics": self.metrics.to_json(),
+                "rounds": self.rounds, "integer_kernels": self.integer_kernels}
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR (dB) of two uint8 images/videos; identical frames give +inf."""
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return math.inf if mse == 0 else 10.0 * math.log10(255.0**2 / mse)
+
+
+def update_cosine(feeds: dict, ours: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
+    """Cosine and max-rel of the step's update (next_sample - sample): the sample itself would dominate a
+    plain comparison of next_sample and hide the DiT's error."""
+    x = feeds["sample"].astype(np.float64).ravel()
+    a, b = ours.astype(np.float64).ravel() - x, ref.astype(np.float64).ravel() - x
+    denom = np.linalg.norm(a) * np.linalg.norm(b)
+    cos = float(a @ b / denom) if denom > 0 else float(np.array_equal(a, b))
+    return cos, float(np.max(np.abs(a - b)) / max(1e-12, float(np.max(np.abs(b)))))
+
+
+# --- calibration and ONNX Runtime's quantizer --------------------------------------------------------------------
+_METHODS = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}
+
+
+def _method(recipe: Recipe):
+    from onnxruntime.quantization import CalibrationMethod
+
+    return getattr(CalibrationMethod, _METHODS[recipe.calibration])
+
+
+def _exposing_session(prepared: Path, tensors: list[str], threads: int | None = None):
+    """A float session over ``prepared`` that also returns ``tensors`` (graph optimisation off: every exposed
+    tensor must survive)."""
+    import onnxruntime as ort
+
+    model = onnx.load(str(prepared))
+    have = {o.name for o in model.graph.output}
+    model.graph.output.extend([onnx.helper.make_empty_tensor_value_info(t) for t in tensors if t not in have])
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if threads:
+        so.intra_op_num_threads = threads
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()]
+    return lambda feeds: dict(zip(tensors, sess.run(tensors, {n: feeds[n] for n in names})))
+
+
+def calibrate(prepared: Path, nodes: list[str], feeds: list[dict], recipe: Recipe, cache: Path,
+              threads: int | None = None) -> None:
+    """Activation ranges of every quantizable layer's input and output over ``feeds``, written to ``cache`` in
+    ONNX Runtime's calibration-cache format (the quantizer then reads them instead of calibrating).
+
+    ORT's own calibrator stacks each tensor's samples into one array, which fails when shapes differ between
+    requests (prompt lengths do); here each call is collected on its own, with ORT's histogram collectors."""
+    import contextlib
+    import io
+
+    from onnxruntime.quantization import TensorsData, save_tensors_data
+    from onnxruntime.quantization.calibrate import HistogramCollector
+
+    by_name = {n.name: n for n in onnx.load(str(prepared), load_external_data=False).graph.node}
+    tensors = sorted({t for n in nodes for t in (by_name[n].input[0], by_name[n].output[0])})
+    run = _exposing_session(prepared, tensors, threads)
+    if recipe.calibration == "minmax":
+        lo, hi = {}, {}
+        for f in feeds:
+            for t, v in run(f).items():
+                lo[t] = min(lo.get(t, np.inf), float(v.min()))
+                hi[t] = max(hi.get(t, -np.inf), float(v.max()))
+        data = {t: (np.float32(lo[t]), np.float32(hi[t])) for t in tensors}
+    else:
+        collector = HistogramCollector(method=recipe.calibration, symmetric=False,
+                                       num_bins=2048 if recipe.calibration == "percentile" else 128,
+                                       num_quantized_bins=128, percentile=recipe.percentile, scenario="same")
+        with contextlib.redirect_stdout(io.StringIO()):  # the collector prints per call
+            for f in feeds:
+                collector.collect({t: [v] for t, v in run(f).items()})
+            data = collector.compute_collection_result()
+    save_tensors_data(TensorsData(_method(recipe), data), cache)
+
+
+def quantize_model(prepared: Path, out: Path, recipe: Recipe, nodes: list[str], ranges_cache: Path) -> None:
+    """QDQ-quantize ``nodes`` of ``prepared`` into ``out`` with the calibrated ranges of ``ranges_cache``: INT8
+    with ONNX Runtime's quantizer, FP8 with `calib.graph.qdq_fp8` (per-tensor amax, as TensorRT calibrates)."""
+    from onnxruntime.quantization import QuantFormat, QuantType, load_tensors_data, quantize_static
+
+    if recipe.format == "fp8":
+        ranges = load_tensors_data(str(ranges_cache)).data
+        model = onnx.load(str(prepared))
+        by_name = {n.name: n for n in model.graph.node}
+        amax = {by_name[n].input[0]: max(abs(float(v)) for v in ranges[by_name[n].input[0]].range_value)
+                for n in nodes}
+        onnx.save(qdq_fp8(model, nodes, amax), str(out))
+        return
+
+    quantize_static(
+        str(prepared), str(out), calibration_data_reader=None, quant_format=QuantFormat.QDQ,
+        op_types_to_quantize=["MatMul", "Conv", "Gemm"], nodes_to_quantize=nodes,
+        per_channel=recipe.per_channel_weights, reduce_range=recipe.reduce_range,
+        # uint8 activations, int8 weights: the pair ONNX Runtime's CPU integer kernels are fast with
+        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=_method(recipe),
+        calibration_cache_path=str(ranges_cache),
+        extra_options={"MatMulConstBOnly": True, "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1}})
+
+
+# --- sensitivity ------------------------------------------------------------------------------------------------
+def _fake_quant(x: np.ndarray, lo: float, hi: float, recipe: Recipe, axis: int | None = None) -> np.ndarray:
+    """x through the recipe's quantizer: int8/uint8 affine (7-bit weights with reduce_range) or FP8 E4M3."""
+    if recipe.format == "fp8":
+        import torch
+
+        amax = np.maximum(np.abs(x).max(axis=axis, keepdims=True) if axis is not None else max(abs(lo), abs(hi)),
+                          1e-12)
+        scale = amax / 448.0
+        q = torch.from_numpy(np.ascontiguousarray(x / scale, dtype=np.float32)).to(torch.float8_e4m3fn).float()
+        return q.numpy() * scale
+    if axis is not None:  # symmetric int8 weights per channel
+        levels = 63.0 if recipe.reduce_range else 127.0
+        scale = np.maximum(np.abs(x).max(axis=tuple(i for i in range(x.ndim) if i != axis), keepdims=True),
+                           1e-12) / levels
+        return np.clip(np.round(x / scale), -levels, levels) * scale
+    lo, hi = min(lo, 0.0), max(hi, 0.0)  # uint8 activations, affine over the calibrated range
+    scale = max(hi - lo, 1e-12) / 255.0
+    zp = np.round(-lo / scale)
+    return (np.clip(np.round(x / scale) + zp, 0, 255) - zp) * scale
+
+
+def _nsr(x: np.ndarray, xq: np.ndarray) -> float:
+    return float(np.sum((x - xq) ** 2) / max(np.sum(x.astype(np.float64) ** 2), 1e-30))
+
+
+def sensitivity(prepared: Path, ranges_cache: Path, nodes: list[str], feeds: list[dict], recipe: Recipe,
+                threads: int | None = None) -> dict[str, float]:
+    """Per layer: the quantization noise-to-signal ratio of its input activation (calibrated range) plus its
+    weight (the recipe's granularity), measured on real activations of ``feeds``: the layer's own share of the
+    error, larger = more sensitive. One float run with every layer input exposed."""
+    from onnx import numpy_helper
+    from onnxruntime.quantization import load_tensors_data
+
+    model = onnx.load(str(prepared))
+    by_name = {n.name: n for n in model.graph.node}
+    inits = {t.name: t for t in model.graph.initializer}
+    acts = sorted({by_name[n].input[0] for n in nodes})
+    run = _exposing_session(prepared, acts, threads)
+    ranges = load_tensors_data(str(ranges_cache)).data
+    values: dict[str, list[np.ndarray]] = {a: [] for a in acts}
+    for f in feeds:
+        for a, v in run(f).items():
+            values[a].append(v)
+    out = {}
+    for n in nodes:
+        node = by_name[n]
+        lo, hi = (float(v) for v in ranges[node.input[0]].range_value)
+        x = np.concatenate([v.ravel() for v in values[node.input[0]]])
+        w = numpy_helper.to_array(inits[node.input[1]])
+        axis = None
+        if recipe.per_channel_weights:
+            axis = 1 if node.op_type == "MatMul" else 0  # MatMul (K, N): per output column; Conv/Gemm: per row
+        out[n] = _nsr(x, _fake_quant(x, lo, hi, recipe)) + _nsr(w, _fake_quant(w, 0.0, 0.0, recipe, axis))
+    return out
+
+
+def _activation_absmax(prepared: Path, nodes: list[str], feeds: list[dict]) -> dict[str, np.ndarray]:
+    """Per input channel (last axis) max |X| of each MatMul layer over ``feeds`` (SmoothQuant's statistic)."""
+    by_name = {n.name: n for n in onnx.load(str(prepared), load_external_data=False).graph.node}
+    mm = [n for n in nodes if by_name[n].op_type == "MatMul"]
+    run = _exposing_session(prepared, sorted({by_name[n].input[0] for n in mm}))
+    amax: dict[str, np.ndarray] = {}
+    for f in feeds:
+        for a, v in run(f).items():
+            m = np.abs(v).reshape(-1, v.shape[-1]).max(axis=0)
+            amax[a] = m if a not in amax else np.maximum(amax[a], m)
+    return {n: amax[by_name[n].input[0]] for n in mm}
+
+
+# --- the loop ---------------------------------------------------------------------------------------------------
+def prepare(raw: Path, out: Path, recipe: Recipe, feeds: list[dict]) -> tuple[dict[str, str], list[str]]:
+    """Fold weight transposes (and apply SmoothQuant) into ``out``. Returns (layer node -> weight name, the
+    candidate nodes: weight layers the recipe does not keep in float)."""
+    model = fold_weight_transposes(onnx.load(str(raw)))
+    layers = weight_layers(model)
+    candidates = [n for n, w in layers.items() if not recipe.keeps_float(w)]
+    onnx.save(model, str(out))
+    if recipe.smoothquant_alpha is not None:
+        stats = _activation_absmax(out, candidates, feeds[: max(1, len(feeds) // 4)])
+        model = onnx.load(str(out))
+        smooth(model, stats, recipe.smoothquant_alpha)
+        onnx.save(model, str(out))
+    return layers, candidates
+
+
+def evaluate(pipe, stage: str, candidate, held_feeds: list[dict], held_reqs, float_frames, steps: int,
+             threads: int | None) -> StageMetrics:
+    """Swap ``candidate`` (an ORT model path) in for the bundle's ``stage`` engine and measure it."""
+    from runtime.engine import OrtEngine
+
+    float_engine = pipe.engines[stage]
+    quant = OrtEngine(candidate, float_engine.entry, threads)
+    cos, rel = 1.0, 0.0
+    for f in held_feeds:
+        c, r = update_cosine(f, quant(f)["next_sample"], float_engine(f)["next_sample"])
+        cos, rel = min(cos, c), max(rel, r)
+    pipe.engines[stage] = quant
+    try:
+        values = [psnr(cap.run(pipe, req, steps).frames, ref) for req, ref in zip(held_reqs, float_frames)]
+    finally:
+        pipe.engines[stage] = float_engine
+    return StageMetrics(values, cos, rel)
+
+
+def quantize_stage(float_bundle: Path, raw: Path, recipe: Recipe, stage: str, workdir: Path, steps: int,
+                   threads: int | None = None, log=print) -> QuantizedStage:
+    """The whole recipe for one stage: capture, calibrate, quantize, gate, fall back. Raises BuildError with the
+    measured numbers when the budget cannot be met with every layer moved back."""
+    from mc_export.export.onnx_export import optimize_for_ort
+    from runtime.pipeline import Pipeline
+
+    workdir = Path(workdir)
+    pipe = Pipeline.load(float_bundle, threads=threads)
+    tasks = tuple(pipe.manifest.tasks)
+    calib_reqs = cap.requests(tasks, recipe.calibration_prompts, (0,), "calibration")
+    held_reqs = cap.requests(tasks, recipe.held_out_prompts, recipe.held_out_seeds, "held_out")
+    log(f"  calibration: {len(calib_reqs)} requests x {recipe.calibration_steps} steps ({', '.join(tasks)})")
+    feeds = cap.capture(pipe, stage, calib_reqs, recipe.calibration_steps)
+    held_feeds = cap.capture(pipe, stage, held_reqs[:1], recipe.calibration_steps)
+    float_frames = [cap.run(pipe, req, steps).frames for req in held_reqs]
+
+    prepared = workdir / f"{stage}.prepared.onnx"
+    layers, candidates = prepare(raw, prepared, recipe, feeds)
+    ranges = workdir / f"{stage}.ranges.json"
+    calibrate(prepared, candidates, feeds, recipe, ranges, threads)
+    fallback: list[str] = []
+    rounds: list[dict] = []
+    scores = None
+    for round_ in range(recipe.max_fallback_rounds + 1):
+        nodes = [n for n in candidates if n not in fallback]
+        qdq, cpu = workdir / f"{stage}.qdq{round_}.onnx", workdir / f"{stage}.cpu{round_}.onnx"
+        quantize_model(prepared, qdq, recipe, nodes, ranges)
+        optimize_for_ort(qdq, cpu)
+        metrics = evaluate(pipe, stage, cpu, held_feeds, held_reqs, float_frames, steps, threads)
+        rounds.append({"quantized_layers": len(nodes), **metrics.to_json()})
+        log(f"  round {round_}: {len(nodes)} layers in {recipe.format}: {metrics.shortfall(recipe)}")
+        if metrics.passes(recipe):
+            return QuantizedStage(qdq, cpu, [layers[n] for n in nodes],
+                                  sorted({w for w in layers.values() if recipe.keeps_float(w)}),
+                                  [layers[n] for n in fallback], metrics, rounds,
+                                  integer_kernels(onnx.load(str(cpu), load_external_data=False)))
+        if not nodes or round_ == recipe.max_fallback_rounds:
+            break
+        if scores is None:
+            scores = sensitivity(prepared, ranges, candidates, feeds[:2], recipe, threads)
+        k = max(1, math.ceil(recipe.fallback_fraction * len(nodes)))
+        fallback += sorted(nodes, key=lambda n: -scores[n])[:k]
+    raise BuildError(f"{stage}: {recipe.name} misses its accuracy budget after {len(rounds)} rounds "
+                     f"({len(fallback)} layers moved back to float): {metrics.shortfall(recipe)}. Relax the "
+                     f"budget in a recipe file (--recipe), raise max_fallback_rounds, or build fp32")

@@ -1,0 +1,142 @@
+"""Quantization recipes as values: frozen, serialisable, hashed into the bundle's manifest.
+
+What is quantized, by default, and why:
+- **denoise** (the DiT step): yes. It runs `steps` times per request on two CFG rows and holds nearly all the
+  compute; it is where 8-bit pays.
+- **planner** (Qwen2.5-VL): no. It runs once per request, so 8-bit saves little end to end, and an LLM's
+  outlier channels make W8A8 activations lossy; its outputs condition every step (prompt embeddings, canvas).
+- **VAE**: no. Runs once per request; decoders are convolutional with wide dynamic range, the last thing
+  before pixels: its error lands on the frames undamped.
+
+Layers kept in high precision inside the DiT, as the established recipes do: the patch and condition
+embedders (patch / time / text projections: tiny compute, large effect), the output projection, AdaLN
+modulation and the canvas injector (a zero-initialised residual connector: its small output rides on top of
+the latents). Wan also keeps its first and last blocks. Attention's activation x activation products (QK^T,
+AV) are not quantized: only weight MatMul / Conv layers are.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+
+from mc_export.errors import ConfigError
+
+FORMATS = ("int8", "fp8")
+CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """End-to-end accuracy a quantized bundle must reach against the float bundle on held-out prompts and
+    seeds: mean PSNR of the decoded frames, and the cosine of every quantized stage's update."""
+
+    min_psnr_db: float = 30.0
+    min_stage_cosine: float = 0.99
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a backbone's stages are quantized. Every field changes the bundle, so every field is hashed."""
+
+    name: str
+    format: str  # "int8" (W8A8) or "fp8" (E4M3, per-tensor amax)
+    stages: tuple[str, ...] = ("denoise",)
+    per_channel_weights: bool = True  # int8: per output channel; fp8: per tensor (TensorRT's FP8 recipe)
+    calibration: str = "percentile"  # activation ranges: minmax (= amax), percentile, entropy
+    percentile: float = 99.999
+    # int8 on CPUs without VNNI: u8 x s8 products are summed in pairs into saturating int16 (AVX2
+    # vpmaddubsw); 7-bit weights keep those sums exact. Off for TensorRT (int8 tensor cores do not saturate).
+    reduce_range: bool = True
+    # SmoothQuant: migrate activation outliers into the weights, s_j = max|X_j|^a / max|W_j|^(1-a); None = off
+    smoothquant_alpha: float | None = None
+    keep_float: tuple[str, ...] = ()  # regexes over weight names (module paths): layers never quantized
+    budget: Budget = Budget()
+    # calibration data: prompts from calib/data/prompts.json (first N of the calibration split), seeds, steps
+    calibration_prompts: int = 16
+    calibration_steps: int = 8
+    held_out_prompts: int = 4
+    held_out_seeds: tuple[int, ...] = (1000, 1001)
+    # fallback: each round moves this fraction (at least one) of the still-quantized layers back to float,
+    # most sensitive first, until the budget holds
+    fallback_fraction: float = 0.1
+    max_fallback_rounds: int = 8
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ConfigError(f"recipe {self.name}: format must be one of {FORMATS}, got {self.format!r}")
+        if self.calibration not in CALIBRATION_METHODS:
+            raise ConfigError(f"recipe {self.name}: calibration must be one of {CALIBRATION_METHODS}")
+        if not 50.0 < self.percentile <= 100.0:
+            raise ConfigError(f"recipe {self.name}: percentile must be in (50, 100], got {self.percentile}")
+        if self.smoothquant_alpha is not None and not 0.0 <= self.smoothquant_alpha <= 1.0:
+            raise ConfigError(f"recipe {self.name}: smoothquant_alpha must be in [0, 1]")
+        if not 0.0 < self.fallback_fraction <= 1.0 or self.max_fallback_rounds < 0:
+            raise ConfigError(f"recipe {self.name}: fallback_fraction in (0, 1], max_fallback_rounds >= 0")
+        if self.calibration_prompts < 1 or self.calibration_steps < 1 or self.held_out_prompts < 1:
+            raise ConfigError(f"recipe {self.name}: needs at least one calibration prompt, step and held-out prompt")
+        for pattern in self.keep_float:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ConfigError(f"recipe {self.name}: keep_float pattern {pattern!r}: {e}") from e
+
+    def keeps_float(self, weight_name: str) -> bool:
+        return any(re.search(p, weight_name) for p in self.keep_float)
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> Recipe:
+        data = dict(data)
+        try:
+            data["budget"] = Budget(**data.get("budget", {}))
+            for key in ("stages", "keep_float", "held_out_seeds"):
+                if key in data:
+                    data[key] = tuple(data[key])
+            return cls(**data)
+        except TypeError as e:
+            raise ConfigError(f"not a recipe: {e}") from e
+
+    def digest(self) -> str:
+        """sha256 of the canonical JSON: the manifest's record of exactly which recipe built a bundle."""
+        return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()
+
+
+# Module-path patterns per backbone (the ONNX weight names are the PyTorch module paths).
+_COMMON_FLOAT = (r"^injector\.", r"(^|\.)proj_out\.", r"(^|\.)norm_out\.")
+_KEEP_FLOAT = {
+    "sana": (*_COMMON_FLOAT, r"\.patch_embed\.", r"\.time_embed\.", r"\.caption_projection\."),
+    "flux": (*_COMMON_FLOAT, r"\.x_embedder\.", r"\.context_embedder\.", r"\.time_text_embed\.",
+             r"\.norm1(_context)?\.linear\.", r"\.norm\.linear\."),
+    # Wan: also the first and last blocks (the tiny/small presets have few; `_wan_edge_blocks` fills them in)
+    "wan": (*_COMMON_FLOAT, r"\.patch_embedding\.", r"\.condition_embedder\."),
+}
+
+
+def _wan_edge_blocks(num_layers: int, edge: int = 1) -> tuple[str, ...]:
+    """The first and last ``edge`` transformer blocks of Wan, as keep-float patterns."""
+    keep = sorted({*range(min(edge, num_layers)), *range(max(num_layers - edge, 0), num_layers)})
+    return tuple(rf"\.blocks\.{i}\." for i in keep)
+
+
+def default_recipe(backbone: str, precision: str, num_layers: int | None = None, target: str = "onnxruntime"
+                   ) -> Recipe:
+    """The shipped recipe for a backbone and precision. ``num_layers``: the DiT's depth (Wan's edge blocks);
+    ``target``: int8 for TensorRT keeps 8-bit weights (no saturation to dodge)."""
+    if precision not in FORMATS:
+        raise ConfigError(f"no quantization recipe for precision {precision!r}; expected one of {FORMATS}")
+    if backbone not in _KEEP_FLOAT:
+        raise ConfigError(f"no quantization recipe for backbone {backbone!r}")
+    keep = _KEEP_FLOAT[backbone]
+    if backbone == "wan" and num_layers:
+        keep = (*keep, *_wan_edge_blocks(num_layers))
+    if precision == "int8":
+        return Recipe(name=f"{backbone}-int8-w8a8", format="int8", keep_float=keep,
+                      reduce_range=target != "tensorrt")
+    return Recipe(name=f"{backbone}-fp8-e4m3", format="fp8", per_channel_weights=False, calibration="minmax",
+                  reduce_range=False, keep_float=keep)

@@ -1,0 +1,68 @@
+"""`python -m calib report --bundle DIR`: a quantized bundle's accuracy against its float bundle, measured now
+on held-out prompts and seeds (per quantized stage, then end to end), beside what the build recorded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from calib import capture as cap
+from calib.quantize import psnr, update_cosine
+from calib.recipes import Recipe
+from mc_export.errors import ConfigError
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    denom = np.linalg.norm(a) * np.linalg.norm(b)
+    return float(a @ b / denom) if denom > 0 else float(np.array_equal(a, b))
+
+
+def report(bundle: str | Path, float_bundle: str | Path | None = None, threads: int | None = None) -> list[str]:
+    """Lines of a Markdown report. The float bundle defaults to the one the build recorded."""
+    from runtime.pipeline import Pipeline
+
+    pipe = Pipeline.load(bundle, threads=threads)
+    quant = pipe.manifest.build.get("quantization")
+    if not quant:
+        raise ConfigError(f"{bundle} is a {pipe.manifest.build.get('precision', '?')} bundle, not a quantized one")
+    ref = Pipeline.load(float_bundle or quant["float_bundle"], threads=threads)
+    if ref.manifest.build.get("cache_key") != quant["float_cache_key"]:
+        raise ConfigError(f"{ref.bundle.path} is not the float bundle {bundle} was calibrated against "
+                          "(cache keys differ); rebuild both, or pass --float with the right one")
+    lines = [f"# {pipe.manifest.backbone} {pipe.manifest.build['precision']} vs fp32 ({ref.bundle.path})", ""]
+    stages = quant["stages"]
+    for stage, rec in stages.items():
+        recipe = Recipe.from_json(rec["recipe"])
+        lines += [f"## stage `{stage}`: recipe {recipe.name} ({rec['recipe_sha256'][:12]}), "
+                  f"{rec['quantized_layers']} layers in {recipe.format}, {len(rec['kept_float'])} kept float, "
+                  f"{len(rec['fallback'])} moved back by the fallback loop", ""]
+    recipe = Recipe.from_json(next(iter(stages.values()))["recipe"])
+    reqs = cap.requests(tuple(pipe.manifest.tasks), recipe.held_out_prompts, recipe.held_out_seeds, "held_out")
+    steps = pipe.manifest.defaults["num_inference_steps"]
+    lines += ["| stage | output | cosine | max-rel |", "|---|---|---|---|"]
+    for stage in stages:
+        feeds = cap.capture(ref, stage, reqs[:1], steps)
+        worst: dict[str, tuple[float, float]] = {}
+        for f in feeds:
+            ours, theirs = pipe.engines[stage](f), ref.engines[stage](f)
+            for name in ours:
+                if name == "next_sample":
+                    c, r = update_cosine(f, ours[name], theirs[name])
+                else:
+                    c = _cosine(ours[name], theirs[name])
+                    r = float(np.max(np.abs(ours[name] - theirs[name])) / max(1e-12, np.max(np.abs(theirs[name]))))
+                old = worst.get(name, (1.0, 0.0))
+                worst[name] = (min(old[0], c), max(old[1], r))
+        lines += [f"| {stage} | {n}{' (update)' if n == 'next_sample' else ''} | {c:.6f} | {r:.3e} |"
+                  for n, (c, r) in worst.items()]
+    values = [psnr(cap.run(pipe, r, steps).frames, cap.run(ref, r, steps).frames) for r in reqs]
+    b = recipe.budget
+    mean = float(np.mean(values))
+    verdict = "meets" if mean >= b.min_psnr_db else f"misses by {b.min_psnr_db - mean:.2f} dB"
+    lines += ["", f"End to end, {len(reqs)} held-out requests ({steps} steps): PSNR mean {mean:.2f} dB, min "
+              f"{min(values):.2f} dB; budget {b.min_psnr_db} dB: {verdict}.",
+              "Recorded at build time: " + ", ".join(f"{s}: {r['metrics']['mean_psnr_db']:.2f} dB, cosine "
+                                                     f"{r['metrics']['stage_cosine']:.6f}" for s, r in stages.items())]
+    return lines
