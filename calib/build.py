@@ -1,10 +1,11 @@
 """`mc_export build --precision int8|fp8`: the float bundle first (built or taken from the cache), then each
 quantized stage calibrated on it, gated against it, and written into a new bundle beside it.
 
-The float bundle stays at ``<out>-fp32``: it is the accuracy reference (`python -m calib report`) and a
-usable bundle in its own right. The quantized bundle copies every float stage it does not quantize and
-records the recipe, its digest, the layers kept or moved back to float and the measured accuracy in its
-manifest (`build.quantization`).
+The float bundle stays at ``<out>-fp32`` (or ``--float-bundle DIR``): it is the accuracy reference
+(`python -m calib report`) and a usable bundle in its own right. The quantized bundle copies every float stage
+it does not quantize and records the recipe, its digest, the layers kept or moved back to float and the
+measured accuracy in its manifest (`build.quantization`). For TensorRT the quantized stage's engine is built
+from the Q/DQ graph (explicit quantization); the gates ran on ONNX Runtime's execution of the same graph.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from calib.quantize import quantize_stage
 from calib.recipes import Recipe, default_recipe
 
 
-def float_bundle_path(out: Path) -> Path:
-    return Path(out).with_name(Path(out).name + "-fp32")
+def float_bundle_path(cfg) -> Path:
+    """Where the float reference bundle is built (or found, by its cache key): ``--float-bundle`` (one float
+    bundle can serve an int8 and an fp8 build) or ``<out>-fp32``."""
+    return Path(cfg.float_bundle) if cfg.float_bundle else Path(cfg.out).with_name(Path(cfg.out).name + "-fp32")
 
 
 def recipe_for(cfg, model) -> Recipe:
@@ -34,12 +37,12 @@ def build_quantized(cfg, model, ranges, steps: int, key: str, log) -> Path:
     """Build ``cfg.out`` at ``cfg.precision`` (int8 / fp8) from the float bundle at ``<out>-fp32``."""
     from mc_export.build import build
     from mc_export.export.onnx_export import export_component
-    from mc_export.stages import plan_stages
+    from mc_export.stages import tensorrt_engine, plan_stages
     from runtime.bundle import load_bundle, write_bundle
 
     recipe = recipe_for(cfg, model)
-    float_out = build(dataclasses.replace(cfg, precision="fp32", recipe=None, out=float_bundle_path(cfg.out)),
-                      log)
+    float_out = build(dataclasses.replace(cfg, precision="fp32", recipe=None, float_bundle=None,
+                                          out=float_bundle_path(cfg)), log)
     float_bundle = load_bundle(float_out)
     components = plan_stages(model, ranges)
     missing = [s for s in recipe.stages if s not in components]
@@ -57,9 +60,12 @@ def build_quantized(cfg, model, ranges, steps: int, key: str, log) -> Path:
                 raw = Path(scratch) / f"{stage}.raw.onnx"
                 export_component(components[stage], raw)
                 q = quantize_stage(float_out, raw, recipe, stage, Path(scratch), steps, log=log)
-                shutil.copyfile(q.cpu_path, tmp / f"{stage}.onnx")
-                engines[stage] = dataclasses.replace(m.engines[stage], file=f"{stage}.onnx", sha256="",
-                                                     size_bytes=0, precision=cfg.precision, external_data=())
+                if cfg.target == "tensorrt":  # TensorRT's explicit quantization takes the Q/DQ graph
+                    _, engines[stage] = tensorrt_engine(components[stage], q.qdq_path, tmp, cfg, log)
+                else:  # ONNX Runtime: the optimised graph, integer kernels fused
+                    shutil.copyfile(q.cpu_path, tmp / f"{stage}.onnx")
+                    engines[stage] = dataclasses.replace(m.engines[stage], file=f"{stage}.onnx", sha256="",
+                                                         size_bytes=0, precision=cfg.precision, external_data=())
                 records[stage] = q.manifest_record(recipe)
         replaced = {rel for stage in recipe.stages for rel in m.engines[stage].external_data}
         files = [rel for rel in m.files if rel not in replaced]

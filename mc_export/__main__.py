@@ -101,6 +101,8 @@ def _add_build(sub) -> None:
                    help="checkpoints: trace on the meta device and stream weights from disk into the ONNX files "
                         "(auto: when the fp32 weights exceed half the available memory)")
     p.add_argument("--recipe", help="int8/fp8: a recipe JSON file (`python -m calib recipe` prints the default)")
+    p.add_argument("--float-bundle", help="int8/fp8: the fp32 reference bundle to calibrate against, built there "
+                                           "if missing or stale (default: <out>-fp32)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=_cmd_build)
 
@@ -129,7 +131,7 @@ def _cmd_build(args) -> None:
                       checkpoint=Path(args.checkpoint) if args.checkpoint else None, precision=args.precision,
                       target=args.target, range_overrides=overrides, steps=args.steps, seed=args.seed,
                       verify=not args.no_verify, lazy_weights=args.lazy_weights,
-                      recipe=recipe)
+                      recipe=recipe, float_bundle=Path(args.float_bundle) if args.float_bundle else None)
     resolved = cfg.validate()
     if resolved.target != args.target:
         print(f"--target auto: no usable GPU/TensorRT here, building for {resolved.target}", file=sys.stderr)

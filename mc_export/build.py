@@ -27,7 +27,7 @@ QUANTIZED = ("int8", "fp8")  # precisions built by calibration (calib/)
 TARGETS = ("auto", "onnxruntime", "tensorrt")
 # What each target can build today; asking for anything else is a clear error that names what can. fp8 on
 # ONNX Runtime runs emulated (slower than fp32): it measures FP8 accuracy on a CPU; TensorRT runs it for real.
-SUPPORTED = {"onnxruntime": ("fp32", "int8", "fp8")}
+SUPPORTED = {"onnxruntime": ("fp32", "int8", "fp8"), "tensorrt": ("fp32", "fp16", "bf16", "int8", "fp8")}
 # Image/video inputs per task: which stages a bundle needs beyond planner + denoise + vae_decoder.
 _NEEDS_VISION = {"edit", "i2v", "v2v", "r2v"}
 _NEEDS_VAE_ENCODER = {"edit", "i2v", "v2v", "r2v"}
@@ -53,6 +53,7 @@ class BuildConfig:
     # "auto" does so when the checkpoint's fp32 weights exceed the memory budget (mc_export.models.lazy)
     lazy_weights: str = "auto"
     recipe: object = None  # calib.recipes.Recipe for int8/fp8; None: the backbone's default recipe
+    float_bundle: Path | None = None  # int8/fp8: where the fp32 reference bundle lives (default <out>-fp32)
 
     def validate(self, gpu_available: bool | None = None) -> BuildConfig:
         """Resolve `auto` and check the combination; returns the resolved config."""
@@ -78,8 +79,6 @@ class BuildConfig:
         if target == "tensorrt" and not gpu:
             raise BuildError("--target tensorrt needs an NVIDIA GPU with TensorRT installed; none is usable here. "
                              "Build for this machine with --target onnxruntime (or auto)")
-        if target == "tensorrt":
-            raise BuildError("the TensorRT builder is not part of this release yet; use --target onnxruntime")
         if self.precision not in SUPPORTED[target]:
             raise BuildError(f"--precision {self.precision} cannot be built for {target} yet; this machine can "
                              f"build: {', '.join(SUPPORTED[target])} ({target})")
@@ -140,7 +139,7 @@ def weights_hash(model) -> str:
     return h.hexdigest()
 
 
-def tool_versions() -> dict[str, str]:
+def tool_versions(target: str = "onnxruntime") -> dict[str, str]:
     import diffusers
     import onnx
     import onnxruntime
@@ -148,14 +147,32 @@ def tool_versions() -> dict[str, str]:
 
     from mc_export import __version__
 
-    return {"mc_export": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "diffusers": diffusers.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+    versions = {"mc_export": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+                "diffusers": diffusers.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+    if target == "tensorrt":
+        import tensorrt
+
+        versions["tensorrt"] = tensorrt.__version__
+    return versions
+
+
+def gpu_identity(cfg: BuildConfig) -> dict | None:
+    """The GPU a TensorRT build is for (name, compute capability, TensorRT/CUDA versions); None for the CPU.
+    Checks the precision against the GPU first: a clear error instead of a failure deep in the builder."""
+    if cfg.target != "tensorrt":
+        return None
+    from mc_export.tensorrt.precision import check_precision
+    from runtime.trt_engine import device_identity
+
+    identity = device_identity()
+    check_precision(cfg.precision, identity)
+    return identity
 
 
 def cache_key(cfg: BuildConfig, model, ranges: BuildRanges, steps: int) -> str:
     payload = {"weights": weights_hash(model), "metacanvas": model.cfg.to_dict(), "precision": cfg.precision,
-               "target": cfg.target, "ranges": ranges.to_json(), "steps": steps, "tools": tool_versions(),
-               "verify": cfg.verify, "schema": SCHEMA_VERSION}
+               "target": cfg.target, "ranges": ranges.to_json(), "steps": steps, "tools": tool_versions(cfg.target),
+               "verify": cfg.verify, "schema": SCHEMA_VERSION, "device": gpu_identity(cfg)}
     if cfg.precision in QUANTIZED:
         from calib.build import recipe_for
 
@@ -194,6 +211,7 @@ def build(cfg: BuildConfig, log=print) -> Path:
     from mc_export.stages import plan_stages, write_stages
 
     cfg = cfg.validate()
+    gpu_identity(cfg)  # a precision this GPU cannot take fails here, before any export
     started = time.perf_counter()
     model = load_model(cfg)
     ranges = resolve_ranges(model, cfg.range_overrides)
@@ -255,7 +273,7 @@ def _manifest(cfg: BuildConfig, model, ranges: BuildRanges, steps: int, key: str
         canvas={"keyframes": mc.canvas_keyframes, "height": mc.canvas_height, "width": mc.canvas_width,
                 "tokens": mc.canvas_tokens},
         defaults={**dataclasses.asdict(d), "negative_prompt": ""},
-        build={"cache_key": key, "command": command, "source": _source(cfg), "tools": tool_versions(),
+        build={"cache_key": key, "command": command, "source": _source(cfg), "tools": tool_versions(cfg.target),
                "precision": cfg.precision, "target": cfg.target, "metacanvas": mc.to_dict(),
                "ranges": ranges.to_json(), "parity": gates,
                "lazy_weights": getattr(model, "lazy_weights", None) is not None,

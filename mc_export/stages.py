@@ -39,21 +39,21 @@ def plan_stages(model, ranges: BuildRanges) -> dict[str, Component]:
     return stages
 
 
-def gate_stage(comp: Component, onnx_path: Path, weights=None) -> tuple[list, str]:
-    """The stage's parity gate (raises StageParityError on a miss). With lazy ``weights``, the stage is loaded
-    alone for the gate when it fits the memory budget; otherwise it is not gated. Returns (rows, why not
-    gated): rows empty when skipped."""
+def gate_stage(comp: Component, engine, weights=None, tolerance=None) -> tuple[list, str]:
+    """The stage's parity gate (raises StageParityError on a miss) for an ONNX file or an engine callable.
+    With lazy ``weights``, the stage is loaded alone for the gate when it fits the memory budget; otherwise it
+    is not gated. Returns (rows, why not gated): rows empty when skipped."""
     from mc_export.models.lazy import fp32_bytes, materialized, memory_budget
 
     if weights is None:
-        return parity_gate(comp, onnx_path), ""
+        return parity_gate(comp, engine, tolerance=tolerance), ""
     module = comp.module()
     need, budget = fp32_bytes(module), memory_budget()
     if need > budget:
         return [], (f"{need / 2**30:.1f} GiB of fp32 weights > the {budget / 2**30:.1f} GiB budget; run "
                     "`python -m mc_export verify --bundle DIR` on a machine with ~" f"{3 * need / 2**30:.0f} GiB")
     with materialized(module, weights):
-        return parity_gate(comp, onnx_path), ""
+        return parity_gate(comp, engine, tolerance=tolerance), ""
 
 
 def _place(raw: Path, final: Path, weights, comp: Component) -> None:
@@ -82,11 +82,17 @@ def write_stages(components: dict[str, Component], bundle_dir: Path, cfg, log, w
             bar.set_postfix_str(stage)
             raw = Path(scratch) / f"{stage}.onnx"
             export_component(comp, raw, weights=weights)
-            final = bundle_dir / f"{stage}.onnx"
-            _place(raw, final, weights, comp)
+            if cfg.target == "tensorrt":
+                final, entry = tensorrt_engine(comp, raw, bundle_dir, cfg, log)
+            else:
+                final = bundle_dir / f"{stage}.onnx"
+                _place(raw, final, weights, comp)
+                entry = comp.spec.engine_entry(final.name, "onnxruntime", ort.__version__, cfg.precision,
+                                               external_data=_external(bundle_dir, stage))
             gates[stage] = "not run (--no-verify)"
             if cfg.verify:
-                rows, skipped = gate_stage(comp, final, weights)
+                rows, skipped = gate_stage(comp, final if cfg.target != "tensorrt" else _trt_runner(final, entry),
+                                           weights, _tolerance(cfg))
                 gates[stage] = f"not gated: {skipped}" if skipped else "passed"
                 if rows:
                     worst = max(rows, key=lambda r: r.max_rel)
@@ -94,8 +100,36 @@ def write_stages(components: dict[str, Component], bundle_dir: Path, cfg, log, w
                         f"cosine {min(r.cosine for r in rows):.7f})")
                 else:
                     log(f"  {stage}: parity gate skipped: {skipped}")
-            external = tuple(p.name for p in bundle_dir.glob(f"{stage}.onnx.data"))
-            files.update({name: "" for name in external})
-            engines[stage] = comp.spec.engine_entry(final.name, "onnxruntime", ort.__version__, cfg.precision,
-                                                    external_data=external)
+            files.update({name: "" for name in entry.external_data})
+            engines[stage] = entry
     return engines, files, gates
+
+
+def _external(bundle_dir: Path, stage: str) -> tuple[str, ...]:
+    return tuple(p.name for p in bundle_dir.glob(f"{stage}.onnx.data"))
+
+
+def _tolerance(cfg):
+    from mc_export.tensorrt.precision import GATE_TOLERANCE
+
+    return GATE_TOLERANCE.get(cfg.precision) if cfg.target == "tensorrt" else None
+
+
+def tensorrt_engine(comp: Component, raw: Path, bundle_dir: Path, cfg, log):
+    """Build the stage's TensorRT engine from the raw export (TensorRT cannot parse ONNX Runtime's fused ops)
+    into ``<stage>.plan``; returns (path, manifest entry with the GPU's identity)."""
+    import tensorrt as trt
+
+    from mc_export.tensorrt.builder import BuildOptions, build_engine, timing_cache_path
+    from runtime.trt_engine import device_identity
+
+    plan = bundle_dir / f"{comp.spec.stage}.plan"
+    options = BuildOptions(precision=cfg.precision, timing_cache=timing_cache_path(device_identity()))
+    identity = build_engine(raw, comp.spec, options, plan, log)
+    return plan, comp.spec.engine_entry(plan.name, "tensorrt", trt.__version__, cfg.precision, device=identity)
+
+
+def _trt_runner(plan: Path, entry):
+    from runtime.trt_engine import TrtEngine
+
+    return TrtEngine(plan, entry)

@@ -12,7 +12,7 @@ def _generate(args) -> None:
     from runtime.media import read_image, read_video, write_media
     from runtime.pipeline import Pipeline
 
-    pipe = Pipeline.load(args.bundle, threads=args.threads)
+    pipe = Pipeline.load(args.bundle, threads=args.threads, low_memory=args.low_memory)
     out = pipe(args.prompt, args.negative_prompt, task=args.task,
                image=read_image(args.image) if args.image else None,
                video=read_video(args.video) if args.video else None,
@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--true-cfg", type=float, default=1.0, help="FLUX-Kontext true CFG scale (> 1 enables it)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
+    p.add_argument("--low-memory", action="store_true",
+                   help="open each stage's engine only while it runs (one stage resident at a time)")
     p.add_argument("--out", required=True, help=".png for images, .mp4 or .gif for video")
     p.set_defaults(func=_generate)
     args = parser.parse_args(argv)

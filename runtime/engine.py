@@ -50,9 +50,63 @@ class OrtEngine:
         return dict(zip(self.output_names, outs))
 
 
-def load_engine(path: Path, entry: EngineEntry, threads: int | None = None):
-    """The engine object for a manifest entry's backend."""
-    if entry.backend == "onnxruntime":
-        return OrtEngine(path, entry, threads)
-    raise BundleError(f"{path.name} is a {entry.backend} engine; this runtime build runs onnxruntime engines only. "
-                      "Rebuild with --target onnxruntime")
+def _open(path: Path, entry: EngineEntry, threads: int | None):
+    if entry.backend == "tensorrt":
+        from runtime.trt_engine import TrtEngine
+
+        return TrtEngine(path, entry)
+    return OrtEngine(path, entry, threads)
+
+
+def load_engine(path: Path, entry: EngineEntry, threads: int | None = None, on_demand: bool = False):
+    """The engine object for a manifest entry's backend (the manifest allows onnxruntime and tensorrt). A TensorRT
+    engine imports tensorrt and cuda-python only here; without them it is a BundleError that says to run the
+    bundle on an NVIDIA GPU with TensorRT or to rebuild it with --target onnxruntime. ``on_demand``: the
+    low-memory mode (`OnDemandEngine`)."""
+    if on_demand:
+        return OnDemandEngine(path, entry, threads)
+    return _open(path, entry, threads)
+
+
+class OnDemandEngine:
+    """Low-memory mode (Jetson, where the GPU shares the board's RAM; full-size models on small CPUs): the engine
+    is opened at its first call and freed by `release()`, so a pipeline that releases each stage when it is done
+    holds one stage's weights and buffers at a time. Same interface as the engine it wraps; a TensorRT engine's
+    device identity is checked at construction, before anything is loaded."""
+
+    def __init__(self, path: Path, entry: EngineEntry, threads: int | None = None):
+        if entry.backend == "tensorrt":
+            from runtime.trt_engine import check_device, device_identity
+
+            check_device(entry.device or {}, device_identity(), entry.precision)
+        self.path, self.entry, self.threads = Path(path), entry, threads
+        self._engine = None
+        self.seconds, self.calls = 0.0, 0
+
+    @property
+    def loaded(self) -> bool:
+        return self._engine is not None
+
+    def _timed(self, run, calls: int):
+        if self._engine is None:
+            self._engine = _open(self.path, self.entry, self.threads)
+        before = self._engine.seconds
+        out = run(self._engine)
+        self.seconds += self._engine.seconds - before
+        self.calls += calls
+        return out
+
+    def __call__(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self._timed(lambda e: e(feeds), 1)
+
+    def run_steps(self, feeds, state_names, per_step, use_cuda_graph: bool = True) -> dict[str, np.ndarray]:
+        """TensorRT's device-resident step loop (`runtime.trt_engine.TrtEngine.run_steps`)."""
+        return self._timed(lambda e: e.run_steps(feeds, state_names, per_step, use_cuda_graph), len(per_step))
+
+    def release(self) -> None:
+        """Free the engine (its session, or its GPU memory); the next call opens it again."""
+        if self._engine is not None:
+            close = getattr(self._engine, "close", None)
+            if close is not None:
+                close()
+            self._engine = None

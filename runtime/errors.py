@@ -19,6 +19,10 @@ class BundleError(MetaCanvasRuntimeError):
     """A bundle that cannot be used as it is. The message says what to rebuild or fix."""
 
 
+class CudaError(MetaCanvasRuntimeError):
+    """A CUDA or TensorRT call failed at run time (TensorRT backend)."""
+
+
 class _FieldMessage:
     """Mixin for errors about one manifest field: `detail` says what is wrong, `field` is the dotted path of the
     field (e.g. `engines.denoiser.inputs[0].dims[1]`, "" for the document as a whole), and str() names both."""

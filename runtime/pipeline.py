@@ -70,12 +70,16 @@ class PlannerResult:
 
 
 class Pipeline:
-    """A loaded bundle: its engines, tokenizer and backbone host. Thread-compatible, not thread-safe."""
+    """A loaded bundle: its engines, tokenizer and backbone host. Thread-compatible, not thread-safe.
 
-    def __init__(self, bundle: Bundle, threads: int | None = None):
+    ``low_memory``: each engine is opened when its stage runs and freed when the stage is done, so one stage's
+    weights are resident at a time (Jetson; full-size models on small machines); each request pays the loads."""
+
+    def __init__(self, bundle: Bundle, threads: int | None = None, low_memory: bool = False):
         self.bundle = bundle
         m = self.manifest = bundle.manifest
-        self.engines = {stage: load_engine(bundle.engine_path(stage), entry, threads)
+        self.low_memory = low_memory
+        self.engines = {stage: load_engine(bundle.engine_path(stage), entry, threads, on_demand=low_memory)
                         for stage, entry in m.engines.items()}
         planner = m.build["planner"]
         self.tokenizer = PromptTokenizer.from_file(bundle.file_path("tokenizer.json"), planner["max_prompt_tokens"])
@@ -92,9 +96,11 @@ class Pipeline:
         self.host = importlib.import_module(f"runtime.backbones.{m.backbone}").Host(self)
 
     @classmethod
-    def load(cls, bundle_dir: str | Path, threads: int | None = None, verify_hashes: bool = True) -> Pipeline:
-        """Verify the bundle (manifest, hashes, backend versions, paths) and open its engines."""
-        return cls(load_bundle(bundle_dir, verify_hashes=verify_hashes), threads)
+    def load(cls, bundle_dir: str | Path, threads: int | None = None, verify_hashes: bool = True,
+             low_memory: bool = False) -> Pipeline:
+        """Verify the bundle (manifest, hashes, backend versions, paths) and open its engines (``low_memory``:
+        open each when its stage runs)."""
+        return cls(load_bundle(bundle_dir, verify_hashes=verify_hashes), threads, low_memory)
 
     # the request --------------------------------------------------------------------------------------------
     def __call__(self, prompt: str, negative_prompt: str | None = None, *, task: str | None = None, image=None,
@@ -108,14 +114,24 @@ class Pipeline:
                             num_frames, num_inference_steps, guidance_scale, true_cfg_scale, seed, latents)
         self._reset_timers()
         planned = self.plan(req)
+        self._release("vision_encoder", "planner")
         feeds, sample, schedule = self.host.prepare(req, planned)
+        self._release(*(s for s in self.engines if s != "denoise"))
         latents_out = self.denoise(feeds, sample, schedule, progress)
+        self._release("denoise")
         frames = self.host.finish(req, latents_out)
+        self._release(*self.engines)
         timings = {stage: e.seconds for stage, e in self.engines.items() if e.calls}  # seconds inside each engine
         timings["total"] = time.perf_counter() - start
         negative = planned.prompt_embeds[:1] if planned.rows == 2 else None
         return GenerationOutput(frames=frames, latents=latents_out, prompt_embeds=planned.prompt_embeds[-1:],
                                 negative_prompt_embeds=negative, timings=timings)
+
+    def _release(self, *stages: str) -> None:
+        """Low-memory mode: free these stages' engines (they reopen on their next call)."""
+        if self.low_memory:
+            for stage in stages:
+                self.engines[stage].release()
 
     def _reset_timers(self) -> None:
         for e in self.engines.values():
@@ -162,6 +178,8 @@ class Pipeline:
         """Vision encoder + planner, once per request: prompt embeddings and the canvas on the token grid."""
         images, video = self.host.planner_vision(req)
         feats, n_image, n_video = self.vision_features(images, video)
+        if "vision_encoder" in self.engines:
+            self._release("vision_encoder")
         rows = 2 if self.host.use_cfg(req) else 1
         prompts = [req.negative_prompt, req.prompt][-rows:]
         ids, mask = self.tokenizer.encode_batch(prompts, [n_image] * rows, [n_video] * rows, allow_empty=True)
@@ -243,16 +261,25 @@ class Pipeline:
             state["last_sample"] = np.zeros_like(sample)
             state["history"] = np.zeros((schedule.history, *sample.shape), sample.dtype)
         steps = range(schedule.num_inference_steps)
-        if progress:
-            from tqdm import tqdm
-
-            steps = tqdm(steps, desc="denoising", unit="step")
-        for i in steps:
-            out = engine({**feeds, **state, "timestep": np.array([schedule.timesteps[i]], np.float32),
-                          "coefficients": coefficients[i]})
-            state["sample"] = out["next_sample"]
+        per_step = [{"timestep": np.array([schedule.timesteps[i]], np.float32), "coefficients": coefficients[i]}
+                    for i in steps]
+        if engine.entry.backend == "tensorrt" and hasattr(engine, "run_steps"):  # the loop on the GPU, one
+            # CUDA-graph launch per step
+            names = {"next_sample": "sample"}
             if schedule.history:
-                state["last_sample"], state["history"] = out["next_last_sample"], out["next_history"]
+                names.update(next_last_sample="last_sample", next_history="history")
+            out = engine.run_steps({**feeds, **state}, names, per_step)
+            state = {name: out[o] for o, name in names.items()}
+        else:
+            if progress:
+                from tqdm import tqdm
+
+                steps = tqdm(steps, desc="denoising", unit="step")
+            for i in steps:
+                out = engine({**feeds, **state, **per_step[i]})
+                state["sample"] = out["next_sample"]
+                if schedule.history:
+                    state["last_sample"], state["history"] = out["next_last_sample"], out["next_history"]
         if not np.isfinite(state["sample"]).all():
             raise RuntimeInputError("the denoiser produced non-finite latents (NaN/inf); check the inputs "
                                     "(guidance scale, latents) or rebuild the bundle")

@@ -204,3 +204,28 @@ def test_a_checkpoint_builds_the_same_bundle_key_as_its_preset(tmp_path, referen
     assert weights_hash(from_ckpt) == weights_hash(from_preset)
     with pytest.raises(Exception, match="holds a sana model"):
         load_model(BuildConfig(out=tmp_path / "b", backbone="wan", checkpoint=tmp_path / "ckpt").validate(False))
+
+
+def test_low_memory_mode_holds_one_stage_at_a_time_and_generates_the_same(bundles, monkeypatch):
+    """`low_memory=True` opens each engine when its stage runs and frees it after: at every open, no other
+    engine is resident. Same sessions, same inputs: the frames are identical to the ordinary pipeline's."""
+    import runtime.engine as engine_mod
+
+    image = (np.random.RandomState(5).rand(64, 64, 3) * 255).astype(np.uint8)
+    ref = Pipeline.load(bundles["flux"], threads=1)(prompt="make it red", image=image, seed=3)
+    pipe = Pipeline.load(bundles["flux"], threads=1, low_memory=True)
+    assert not any(e.loaded for e in pipe.engines.values())
+    resident_at_open, real_open = [], engine_mod._open
+
+    def spy(path, entry, threads):
+        resident_at_open.append((entry.stage, [s for s, e in pipe.engines.items() if e.loaded]))
+        return real_open(path, entry, threads)
+
+    monkeypatch.setattr(engine_mod, "_open", spy)
+    out = pipe(prompt="make it red", image=image, seed=3)
+    assert [stage for stage, _ in resident_at_open] == ["vision_encoder", "planner", "vae_encoder", "denoise",
+                                                        "vae_decoder"]
+    assert all(others == [] for _, others in resident_at_open)
+    assert not any(e.loaded for e in pipe.engines.values())
+    np.testing.assert_array_equal(out.frames, ref.frames)
+    assert out.timings.keys() == ref.timings.keys()

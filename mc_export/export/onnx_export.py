@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mc_export.components.spec import Component
+from mc_export.components.spec import Component, Tolerance
 from mc_export.errors import ExportError, StageParityError
 from mc_export.models.lazy import buffers_on_meta
 
@@ -167,25 +167,33 @@ def compare(stage: str, case: str, name: str, ours: np.ndarray, ref: np.ndarray)
     return ParityRow(stage, case, name, diff if finite else float("inf"), rel if finite else float("inf"), cos)
 
 
-def parity_gate(comp: Component, onnx_path: Path, cases: dict[str, dict] | None = None) -> list[ParityRow]:
-    """ONNX Runtime vs the PyTorch module on fresh random inputs at several profile points.
+def parity_gate(comp: Component, engine, cases: dict[str, dict] | None = None,
+                tolerance: Tolerance | None = None) -> list[ParityRow]:
+    """An engine vs the PyTorch module on fresh random inputs at several profile points.
 
-    ``cases``: name -> dict(which=..., seed=..., overrides=...) for ``comp.sample_inputs``; default: the opt and
-    min points. Raises StageParityError with the whole table if any output misses the spec's tolerance.
+    ``engine``: an ONNX file (run with ONNX Runtime) or a callable ``feeds -> {output: array}`` (a TensorRT
+    engine). ``cases``: name -> dict(which=..., seed=..., overrides=...) for ``comp.sample_inputs``; default: the
+    opt and min points. ``tolerance``: the spec's unless given (reduced-precision engines). Raises
+    StageParityError with the whole table if any output misses it.
     """
-    import onnxruntime as ort
-
+    run = engine if callable(engine) else _ort_runner(Path(engine), comp.spec.output_names)
     cases = cases or {"opt": dict(which="opt", seed=101), "min": dict(which="min", seed=102)}
-    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    tol, rows = comp.spec.tolerance, []
+    tol, rows = tolerance or comp.spec.tolerance, []
     for case, kw in cases.items():
         feeds = comp.sample_inputs(**kw)
         ref = comp.reference(feeds)
-        outs = sess.run(comp.spec.output_names, feeds)
-        rows += [compare(comp.spec.stage, case, n, o, ref[n]) for n, o in zip(comp.spec.output_names, outs)]
+        outs = run(feeds)
+        rows += [compare(comp.spec.stage, case, n, outs[n], ref[n]) for n in comp.spec.output_names]
     bad = [r for r in rows if not (r.max_rel <= tol.max_rel and r.cosine >= tol.min_cosine)]
     if bad:
         table = "\n".join([TABLE_HEADER] + [r.fmt() for r in rows])
-        raise StageParityError(comp.spec.stage, f"ONNX Runtime misses the tolerance (max_rel <= {tol.max_rel}, "
+        raise StageParityError(comp.spec.stage, f"the engine misses the tolerance (max_rel <= {tol.max_rel}, "
                                                 f"cosine >= {tol.min_cosine}):\n{table}")
     return rows
+
+
+def _ort_runner(path: Path, output_names: list[str]):
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return lambda feeds: dict(zip(output_names, sess.run(output_names, feeds)))

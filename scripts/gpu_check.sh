@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Every TensorRT check in one command, on a machine with an NVIDIA GPU and its driver:
+#   scripts/gpu_check.sh [OUT_DIR]          (default: out/gpu_check, ignored by git)
+# 1. bootstrap .venv (scripts/bootstrap.sh); 2. install TensorRT 10 + cuda-python (+ polygraphy for the lint
+# test); 3. print the device identity engines will record; 4. pytest -m gpu (fp32 engine from the raw SANA step,
+# parity against ONNX Runtime, CUDA-graph replay bit-identical to plain execution); 5. build a tiny SANA bundle
+# for TensorRT; 6. the latency benchmark on it. Logs go to OUT_DIR.
+# tensorrt-cu12 installs its libraries from NVIDIA's package index; on a machine without network, put every
+# wheel in a folder and run with WHEELHOUSE=/that/folder (pip then installs from it alone).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-out/gpu_check}
+GPU_PINS=(tensorrt-cu12==10.16.1.11 cuda-python==12.9.4 polygraphy==0.53.6 onnx-graphsurgeon==0.6.1)
+if [ -n "${WHEELHOUSE:-}" ]; then
+  export PIP_NO_INDEX=1 PIP_FIND_LINKS="$WHEELHOUSE"
+fi
+mkdir -p "$OUT"
+
+scripts/bootstrap.sh
+PY=.venv/bin/python
+"$PY" -m pip install -q "${GPU_PINS[@]}"
+
+nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total --format=csv | tee "$OUT/nvidia-smi.csv"
+# Fails (BundleError) when TensorRT cannot see a GPU: then the gpu tests below would only skip.
+"$PY" -c "from runtime.trt_engine import device_identity; print(device_identity())" | tee "$OUT/device.txt"
+
+"$PY" -m pytest -p no:logging -m gpu -rs tests/test_tensorrt.py 2>&1 | tee "$OUT/pytest_gpu.log"
+"$PY" -m mc_export build --backbone sana --target tensorrt --steps 3 --out "$OUT/sana-trt" 2>&1 | tee "$OUT/build.log"
+"$PY" -m benchmarks latency --bundle "$OUT/sana-trt" 2>&1 | tee "$OUT/latency.log"
+echo "gpu_check: all steps passed; logs in $OUT/"
