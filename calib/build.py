@@ -33,7 +33,7 @@ def recipe_for(cfg, model) -> Recipe:
     return default_recipe(model.cfg.backbone, cfg.precision, num_layers=layers, target=cfg.target)
 
 
-def build_quantized(cfg, model, ranges, steps: int, key: str, log) -> Path:
+def build_quantized(cfg, model, ranges, key: str, log) -> Path:
     """Build ``cfg.out`` at ``cfg.precision`` (int8 / fp8) from the float bundle at ``<out>-fp32``."""
     from mc_export.build import build
     from mc_export.export.onnx_export import export_component
@@ -59,7 +59,7 @@ def build_quantized(cfg, model, ranges, steps: int, key: str, log) -> Path:
             for stage in recipe.stages:
                 raw = Path(scratch) / f"{stage}.raw.onnx"
                 export_component(components[stage], raw)
-                q = quantize_stage(float_out, raw, recipe, stage, Path(scratch), steps, log=log)
+                q = quantize_stage(float_out, raw, recipe, stage, Path(scratch), log=log)
                 if cfg.target == "tensorrt":  # TensorRT's explicit quantization takes the Q/DQ graph
                     _, engines[stage] = tensorrt_engine(components[stage], q.qdq_path, tmp, cfg, log)
                 else:  # ONNX Runtime: the optimised graph, integer kernels fused

@@ -276,7 +276,7 @@ def evaluate(pipe, stage: str, candidate, held_feeds: list[dict], held_reqs, flo
     return StageMetrics(values, cos, rel)
 
 
-def quantize_stage(float_bundle: Path, raw: Path, recipe: Recipe, stage: str, workdir: Path, steps: int,
+def quantize_stage(float_bundle: Path, raw: Path, recipe: Recipe, stage: str, workdir: Path,
                    threads: int | None = None, log=print) -> QuantizedStage:
     """The whole recipe for one stage: capture, calibrate, quantize, gate, fall back. Raises BuildError with the
     measured numbers when the budget cannot be met with every layer moved back."""
@@ -291,6 +291,7 @@ def quantize_stage(float_bundle: Path, raw: Path, recipe: Recipe, stage: str, wo
     log(f"  calibration: {len(calib_reqs)} requests x {recipe.calibration_steps} steps ({', '.join(tasks)})")
     feeds = cap.capture(pipe, stage, calib_reqs, recipe.calibration_steps)
     held_feeds = cap.capture(pipe, stage, held_reqs[:1], recipe.calibration_steps)
+    steps = recipe.evaluation_steps
     float_frames = [cap.run(pipe, req, steps).frames for req in held_reqs]
 
     prepared = workdir / f"{stage}.prepared.onnx"

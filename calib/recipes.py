@@ -55,11 +55,13 @@ class Recipe:
     smoothquant_alpha: float | None = None
     keep_float: tuple[str, ...] = ()  # regexes over weight names (module paths): layers never quantized
     budget: Budget = Budget()
-    # calibration data: prompts from calib/data/prompts.json (first N of the calibration split), seeds, steps
-    calibration_prompts: int = 16
+    # calibration data: prompts from calib/data/prompts.json (first N of the calibration split) x steps; the
+    # end-to-end gate: held-out prompts x seeds, sampled with evaluation_steps
+    calibration_prompts: int = 8
     calibration_steps: int = 8
-    held_out_prompts: int = 4
+    held_out_prompts: int = 2
     held_out_seeds: tuple[int, ...] = (1000, 1001)
+    evaluation_steps: int = 8
     # fallback: each round moves this fraction (at least one) of the still-quantized layers back to float,
     # most sensitive first, until the budget holds
     fallback_fraction: float = 0.1
@@ -76,8 +78,9 @@ class Recipe:
             raise ConfigError(f"recipe {self.name}: smoothquant_alpha must be in [0, 1]")
         if not 0.0 < self.fallback_fraction <= 1.0 or self.max_fallback_rounds < 0:
             raise ConfigError(f"recipe {self.name}: fallback_fraction in (0, 1], max_fallback_rounds >= 0")
-        if self.calibration_prompts < 1 or self.calibration_steps < 1 or self.held_out_prompts < 1:
-            raise ConfigError(f"recipe {self.name}: needs at least one calibration prompt, step and held-out prompt")
+        if min(self.calibration_prompts, self.calibration_steps, self.held_out_prompts, self.evaluation_steps) < 1:
+            raise ConfigError(f"recipe {self.name}: needs at least one calibration prompt and step, held-out prompt "
+                              "and evaluation step")
         for pattern in self.keep_float:
             try:
                 re.compile(pattern)

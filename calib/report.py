@@ -40,7 +40,7 @@ def report(bundle: str | Path, float_bundle: str | Path | None = None, threads: 
                   f"{len(rec['fallback'])} moved back by the fallback loop", ""]
     recipe = Recipe.from_json(next(iter(stages.values()))["recipe"])
     reqs = cap.requests(tuple(pipe.manifest.tasks), recipe.held_out_prompts, recipe.held_out_seeds, "held_out")
-    steps = pipe.manifest.defaults["num_inference_steps"]
+    steps = recipe.evaluation_steps
     lines += ["| stage | output | cosine | max-rel |", "|---|---|---|---|"]
     for stage in stages:
         feeds = cap.capture(ref, stage, reqs[:1], steps)

@@ -224,7 +224,7 @@ def build(cfg: BuildConfig, log=print) -> Path:
     if cfg.precision in QUANTIZED:
         from calib.build import build_quantized
 
-        build_quantized(cfg, model, ranges, steps, key, log)
+        build_quantized(cfg, model, ranges, key, log)
         log(f"wrote {out} in {time.perf_counter() - started:.0f} s")
         return out
     components = plan_stages(model, ranges)

@@ -263,7 +263,7 @@ class Pipeline:
         steps = range(schedule.num_inference_steps)
         per_step = [{"timestep": np.array([schedule.timesteps[i]], np.float32), "coefficients": coefficients[i]}
                     for i in steps]
-        if engine.entry.backend == "tensorrt" and hasattr(engine, "run_steps"):  # the loop on the GPU, one
+        if hasattr(engine, "run_steps") and engine.entry.backend == "tensorrt":  # the loop on the GPU, one
             # CUDA-graph launch per step
             names = {"next_sample": "sample"}
             if schedule.history:

@@ -4,7 +4,7 @@
 # 1. bootstrap .venv (scripts/bootstrap.sh); 2. install TensorRT 10 + cuda-python (+ polygraphy for the lint
 # test); 3. print the device identity engines will record; 4. pytest -m gpu (fp32 engine from the raw SANA step,
 # parity against ONNX Runtime, CUDA-graph replay bit-identical to plain execution); 5. build a tiny SANA bundle
-# for TensorRT; 6. the latency benchmark on it. Logs go to OUT_DIR.
+# for TensorRT and for ONNX Runtime; 6. the latency benchmark on both, and their ratio. Logs go to OUT_DIR.
 # tensorrt-cu12 installs its libraries from NVIDIA's package index; on a machine without network, put every
 # wheel in a folder and run with WHEELHOUSE=/that/folder (pip then installs from it alone).
 set -euo pipefail
@@ -26,5 +26,9 @@ nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total --format=csv
 
 "$PY" -m pytest -p no:logging -m gpu -rs tests/test_tensorrt.py 2>&1 | tee "$OUT/pytest_gpu.log"
 "$PY" -m mc_export build --backbone sana --target tensorrt --steps 3 --out "$OUT/sana-trt" 2>&1 | tee "$OUT/build.log"
-"$PY" -m benchmarks latency --bundle "$OUT/sana-trt" 2>&1 | tee "$OUT/latency.log"
+"$PY" -m mc_export build --backbone sana --target onnxruntime --steps 3 --out "$OUT/sana-ort" 2>&1 | tee -a "$OUT/build.log"
+# the same model, weights and request on both backends; `report A B` prints B/A per stage
+"$PY" -m benchmarks latency --bundle "$OUT/sana-ort" --out "$OUT/latency_ort.json" 2>&1 | tee "$OUT/latency.log"
+"$PY" -m benchmarks latency --bundle "$OUT/sana-trt" --out "$OUT/latency_trt.json" 2>&1 | tee -a "$OUT/latency.log"
+"$PY" -m benchmarks report "$OUT/latency_ort.json" "$OUT/latency_trt.json" | tee "$OUT/latency_trt_vs_ort.md"
 echo "gpu_check: all steps passed; logs in $OUT/"

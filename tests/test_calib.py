@@ -31,7 +31,8 @@ from mc_export.models.metacanvas import MetaCanvas
 from mc_export.stages import plan_stages
 from runtime.pipeline import Pipeline
 
-QUICK = dict(calibration_prompts=4, calibration_steps=3, held_out_prompts=2, held_out_seeds=(1000,))
+QUICK = dict(calibration_prompts=4, calibration_steps=3, held_out_prompts=2, held_out_seeds=(1000,),
+             evaluation_steps=3)
 
 
 def _session(model: onnx.ModelProto):
@@ -197,7 +198,7 @@ def test_sensitivity_ranks_the_layer_with_an_outlier_input_first(tmp_path):
 @pytest.mark.parametrize("fmt", ["int8", "fp8"])
 def test_a_quantized_denoise_stage_meets_the_budget(float_bundle, raw_denoise, tmp_path, fmt):
     recipe = dataclasses.replace(default_recipe("sana", fmt), **QUICK)
-    q = quantize_stage(float_bundle, raw_denoise, recipe, "denoise", tmp_path, steps=3, threads=1,
+    q = quantize_stage(float_bundle, raw_denoise, recipe, "denoise", tmp_path, threads=1,
                        log=lambda *a: None)
     assert q.metrics.passes(recipe) and q.fallback == []
     assert len(q.quantized) > 0 and not any(recipe.keeps_float(w) for w in q.quantized)
@@ -217,7 +218,7 @@ def test_the_fallback_loop_moves_the_most_sensitive_layers_and_fails_with_number
                                  fallback_fraction=0.5, max_fallback_rounds=2)
     lines = []
     with pytest.raises(BuildError, match=r"misses its accuracy budget after 3 rounds .*mean PSNR [0-9.]+ dB"):
-        quantize_stage(float_bundle, raw_denoise, recipe, "denoise", tmp_path, steps=3, threads=1,
+        quantize_stage(float_bundle, raw_denoise, recipe, "denoise", tmp_path, threads=1,
                        log=lines.append)
     counts = [int(line.split(":")[1].split()[0]) for line in lines if line.strip().startswith("round")]
     assert len(counts) == 3 and counts[0] > counts[1] > counts[2]  # half of what is left, each round
