@@ -51,7 +51,10 @@ def synthetic_inputs(task: str, height: int, width: int, num_frames: int, seed: 
     """The media a task needs, as seeded random uint8 RGB at the request's size: ``image`` (edit, i2v),
     ``video`` (v2v: num_frames frames) or ``reference_images`` (r2v: one image); {} for t2i / t2v."""
     rng = np.random.default_rng(seed)
-    image = lambda: rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+    def image() -> np.ndarray:
+        return rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+
     if task in ("edit", "i2v"):
         return {"image": image()}
     if task == "v2v":

@@ -65,7 +65,8 @@ class Verdict:
             side, bound = ("above" if self.passed else "below"), "floor"
         diff = abs(self.value - t.limit)
         amount = f"{diff:.2f}x" if t.unit == "x" else f"{diff:.1f} pp"
-        return f"{'pass' if self.passed else 'miss'}: {amount} {side} the {bound} ({abs(self.margin_pct):.1f}% relative)"
+        verdict = "pass" if self.passed else "miss"
+        return f"{verdict}: {amount} {side} the {bound} ({abs(self.margin_pct):.1f}% relative)"
 
 
 def _lookup(result: dict, path: tuple[str, ...]):
@@ -206,7 +207,9 @@ def render_comparison(a: dict, b: dict) -> str:
     va, vb = {v.target.name: v for v in verdicts(a)}, {v.target.name: v for v in verdicts(b)}
     judged = [t for t in TARGETS if t.name in va or t.name in vb]
     if judged:
-        cell = lambda v: f"{_fmt(v.value, v.target.unit)}, {v.text()}" if v else "-"
+        def cell(v) -> str:
+            return f"{_fmt(v.value, v.target.unit)}, {v.text()}" if v else "-"
+
         lines += ["", "## Targets", *_table(["target", "limit", "A", "B"], [
             [t.name, f"{t.op} {_fmt(t.limit, t.unit)}", cell(va.get(t.name)), cell(vb.get(t.name))] for t in judged])]
     return "\n".join(lines).rstrip() + "\n"
