@@ -319,6 +319,18 @@ def verify(bundle_dir: str | Path) -> list[str]:
     for stage, comp in plan_stages(model, ranges).items():
         if stage not in m.engines:
             raise ConfigError(f"{bundle.path} has no {stage!r} engine; rebuild it")
-        rows, skipped = gate_stage(comp, bundle.engine_path(stage), weights)
+        entry = m.engines[stage]
+        if entry.precision in QUANTIZED:  # held to the float bundle, not to PyTorch's fp32 numbers
+            lines.append(f"{stage:<14} {entry.precision}: gated against the float bundle at build time; "
+                         f"`python -m calib report --bundle {bundle.path}` measures it again")
+            continue
+        engine = bundle.engine_path(stage)
+        tolerance = None
+        if entry.backend == "tensorrt":
+            from mc_export.tensorrt.precision import GATE_TOLERANCE
+            from runtime.trt_engine import TrtEngine
+
+            engine, tolerance = TrtEngine(engine, entry), GATE_TOLERANCE.get(entry.precision)
+        rows, skipped = gate_stage(comp, engine, weights, tolerance)
         lines += [row.fmt() for row in rows] if rows else [f"{stage:<14} not gated: {skipped}"]
     return lines

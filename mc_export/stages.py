@@ -51,7 +51,7 @@ def gate_stage(comp: Component, engine, weights=None, tolerance=None) -> tuple[l
     need, budget = fp32_bytes(module), memory_budget()
     if need > budget:
         return [], (f"{need / 2**30:.1f} GiB of fp32 weights > the {budget / 2**30:.1f} GiB budget; run "
-                    "`python -m mc_export verify --bundle DIR` on a machine with ~" f"{3 * need / 2**30:.0f} GiB")
+                    f"`python -m mc_export verify --bundle DIR` on a machine with ~{3 * need / 2**30:.0f} GiB")
     with materialized(module, weights):
         return parity_gate(comp, engine, tolerance=tolerance), ""
 
