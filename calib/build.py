@@ -59,7 +59,8 @@ def build_quantized(cfg, model, ranges, key: str, log) -> Path:
             for stage in recipe.stages:
                 raw = Path(scratch) / f"{stage}.raw.onnx"
                 export_component(components[stage], raw)
-                q = quantize_stage(float_out, raw, recipe, stage, Path(scratch), log=log)
+                q = quantize_stage(float_out, raw, recipe, stage, Path(scratch), log=log,
+                                   low_memory=getattr(model, "lazy_weights", None) is not None)
                 if cfg.target == "tensorrt":  # TensorRT's explicit quantization takes the Q/DQ graph
                     _, engines[stage] = tensorrt_engine(components[stage], q.qdq_path, tmp, cfg, log)
                 else:  # ONNX Runtime: the optimised graph, integer kernels fused

@@ -13,6 +13,7 @@ float and the quantized copies of the quantized stage only.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,9 +44,16 @@ class StageMetrics:
         return self.mean_psnr_db >= b.min_psnr_db and self.stage_cosine >= b.min_stage_cosine
 
     def shortfall(self, recipe: Recipe) -> str:
+        """The numbers against the budget, and by how much each one misses."""
         b = recipe.budget
+        short = []
+        if self.mean_psnr_db < b.min_psnr_db:
+            short.append(f"PSNR short by {b.min_psnr_db - self.mean_psnr_db:.2f} dB")
+        if self.stage_cosine < b.min_stage_cosine:
+            short.append(f"cosine short by {b.min_stage_cosine - self.stage_cosine:.6f}")
         return (f"mean PSNR {self.mean_psnr_db:.2f} dB (budget {b.min_psnr_db} dB, min over requests "
-                f"{min(self.psnr_db):.2f} dB), stage cosine {self.stage_cosine:.6f} (budget {b.min_stage_cosine})")
+                f"{min(self.psnr_db):.2f} dB), stage cosine {self.stage_cosine:.6f} (budget {b.min_stage_cosine})"
+                + (f": {', '.join(short)}" if short else ""))
 
     def to_json(self) -> dict:
         return {"mean_psnr_db": self.mean_psnr_db, "min_psnr_db": float(min(self.psnr_db)),
@@ -84,6 +92,12 @@ def update_cosine(feeds: dict, ours: np.ndarray, ref: np.ndarray) -> tuple[float
     denom = np.linalg.norm(a) * np.linalg.norm(b)
     cos = float(a @ b / denom) if denom > 0 else float(np.array_equal(a, b))
     return cos, float(np.max(np.abs(a - b)) / max(1e-12, float(np.max(np.abs(b)))))
+
+
+def ort_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
 
 
 # --- calibration and ONNX Runtime's quantizer --------------------------------------------------------------------
@@ -260,10 +274,11 @@ def prepare(raw: Path, out: Path, recipe: Recipe, feeds: list[dict]) -> tuple[di
 def evaluate(pipe, stage: str, candidate, held_feeds: list[dict], held_reqs, float_frames, steps: int,
              threads: int | None) -> StageMetrics:
     """Swap ``candidate`` (an ORT model path) in for the bundle's ``stage`` engine and measure it."""
-    from runtime.engine import OrtEngine
+    from runtime.engine import load_engine
 
     float_engine = pipe.engines[stage]
-    quant = OrtEngine(candidate, float_engine.entry, threads)
+    entry = dataclasses.replace(float_engine.entry, backend="onnxruntime", backend_version=ort_version())
+    quant = load_engine(candidate, entry, threads, on_demand=pipe.low_memory)
     cos, rel = 1.0, 0.0
     for f in held_feeds:
         c, r = update_cosine(f, quant(f)["next_sample"], float_engine(f)["next_sample"])
@@ -277,14 +292,15 @@ def evaluate(pipe, stage: str, candidate, held_feeds: list[dict], held_reqs, flo
 
 
 def quantize_stage(float_bundle: Path, raw: Path, recipe: Recipe, stage: str, workdir: Path,
-                   threads: int | None = None, log=print) -> QuantizedStage:
+                   threads: int | None = None, log=print, low_memory: bool = False) -> QuantizedStage:
     """The whole recipe for one stage: capture, calibrate, quantize, gate, fall back. Raises BuildError with the
-    measured numbers when the budget cannot be met with every layer moved back."""
+    measured numbers when the budget cannot be met with every layer moved back. ``low_memory``: the float
+    pipeline holds one stage's engine at a time (models larger than memory)."""
     from mc_export.export.onnx_export import optimize_for_ort
     from runtime.pipeline import Pipeline
 
     workdir = Path(workdir)
-    pipe = Pipeline.load(float_bundle, threads=threads)
+    pipe = Pipeline.load(float_bundle, threads=threads, low_memory=low_memory)
     tasks = tuple(pipe.manifest.tasks)
     calib_reqs = cap.requests(tasks, recipe.calibration_prompts, (0,), "calibration")
     held_reqs = cap.requests(tasks, recipe.held_out_prompts, recipe.held_out_seeds, "held_out")

@@ -131,7 +131,8 @@ class Pipeline:
         """Low-memory mode: free these stages' engines (they reopen on their next call)."""
         if self.low_memory:
             for stage in stages:
-                self.engines[stage].release()
+                if stage in self.engines:  # a SANA bundle has no vision encoder
+                    self.engines[stage].release()
 
     def _reset_timers(self) -> None:
         for e in self.engines.values():
@@ -178,8 +179,7 @@ class Pipeline:
         """Vision encoder + planner, once per request: prompt embeddings and the canvas on the token grid."""
         images, video = self.host.planner_vision(req)
         feats, n_image, n_video = self.vision_features(images, video)
-        if "vision_encoder" in self.engines:
-            self._release("vision_encoder")
+        self._release("vision_encoder")
         rows = 2 if self.host.use_cfg(req) else 1
         prompts = [req.negative_prompt, req.prompt][-rows:]
         ids, mask = self.tokenizer.encode_batch(prompts, [n_image] * rows, [n_video] * rows, allow_empty=True)

@@ -217,9 +217,10 @@ def test_the_fallback_loop_moves_the_most_sensitive_layers_and_fails_with_number
     recipe = dataclasses.replace(default_recipe("sana", "int8"), **QUICK, budget=Budget(min_psnr_db=500.0),
                                  fallback_fraction=0.5, max_fallback_rounds=2)
     lines = []
-    with pytest.raises(BuildError, match=r"misses its accuracy budget after 3 rounds .*mean PSNR [0-9.]+ dB"):
+    with pytest.raises(BuildError, match=r"misses its accuracy budget after 3 rounds .*mean PSNR [0-9.]+ dB.*"
+                                         r"PSNR short by [0-9.]+ dB"):
         quantize_stage(float_bundle, raw_denoise, recipe, "denoise", tmp_path, threads=1,
-                       log=lines.append)
+                       log=lines.append, low_memory=True)  # the float pipeline one stage at a time
     counts = [int(line.split(":")[1].split()[0]) for line in lines if line.strip().startswith("round")]
     assert len(counts) == 3 and counts[0] > counts[1] > counts[2]  # half of what is left, each round
 
