@@ -3,6 +3,7 @@ SmoothQuant, and reading which kernels a quantized graph runs on."""
 
 from __future__ import annotations
 
+import ast
 from collections import Counter
 
 import numpy as np
@@ -50,12 +51,21 @@ def fold_weight_transposes(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def weight_layers(model: onnx.ModelProto) -> dict[str, str]:
-    """Node name -> weight name (module path, `.T` stripped) of every layer whose weight is an initializer."""
+    """Node name -> weight name (module path, `.T` stripped) of every layer whose weight is an initializer.
+
+    With onnxscript's optimizer on, the exporter folds `Transpose(W)` itself and names the result `val_N`; the
+    node's `pkg.torch.onnx.name_scopes` metadata (the module path, then the op) then gives the module path."""
     inits = {t.name for t in model.graph.initializer}
     out = {}
     for node in model.graph.node:
         if node.op_type in WEIGHT_OPS and len(node.input) > 1 and node.input[1] in inits:
-            out[node.name] = node.input[1].removesuffix(_TRANSPOSED)
+            name = node.input[1].removesuffix(_TRANSPOSED)
+            if not name.endswith(".weight"):
+                scopes = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), "")
+                scopes = ast.literal_eval(scopes) if scopes else []
+                if len(scopes) >= 2 and scopes[-2]:
+                    name = f"{scopes[-2]}.weight"
+            out[node.name] = name
     return out
 
 

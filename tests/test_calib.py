@@ -256,3 +256,17 @@ def test_calib_report_measures_the_bundle_against_its_float_bundle(int8_bundle, 
     out = capsys.readouterr().out
     assert "| denoise | next_sample (update) |" in out and "budget 30.0 dB: meets" in out
     assert main(["report", "--bundle", str(int8_bundle[0].parent / "sana-fp32")]) == 2  # not a quantized bundle
+
+
+def test_layers_whose_weight_the_exporter_renamed_are_named_by_their_module_path():
+    """With onnxscript's optimizer on, a folded `Transpose(W)` becomes `val_N`; the recipe's keep-float patterns
+    must still see the module path, which the exporter leaves in the node's name_scopes."""
+    w = numpy_helper.from_array(np.ones((4, 4), np.float32), "val_7")
+    node = helper.make_node("MatMul", ["x", "val_7"], ["y"], name="node_MatMul_3")
+    scopes = ['', 'transformer', 'transformer.blocks.0', 'transformer.blocks.0.attn1.to_q', 'linear_3']
+    node.metadata_props.add(key="pkg.torch.onnx.name_scopes", value=repr(scopes))
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    assert weight_layers(model) == {"node_MatMul_3": "transformer.blocks.0.attn1.to_q.weight"}
+    assert default_recipe("wan", "int8", num_layers=4).keeps_float("transformer.blocks.0.attn1.to_q.weight")
