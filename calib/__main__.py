@@ -10,8 +10,7 @@ import argparse
 import json
 import sys
 
-from mc_export.errors import MetaCanvasError
-from runtime.errors import MetaCanvasRuntimeError
+from mc_export.errors import run_cli
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,20 +27,19 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--num-layers", type=int, help="the DiT's depth (Wan keeps its first and last blocks float)")
     r.add_argument("--target", default="onnxruntime", choices=["onnxruntime", "tensorrt"])
     args = parser.parse_args(argv)
-    try:
-        if args.command == "report":
-            from calib.report import report
+    return run_cli(lambda: _run(args))
 
-            print("\n".join(report(args.bundle, args.float_bundle, args.threads)))
-        else:
-            from calib.recipes import default_recipe
 
-            recipe = default_recipe(args.backbone, args.precision, args.num_layers, args.target)
-            print(json.dumps(recipe.to_json(), indent=2))
-    except (MetaCanvasError, MetaCanvasRuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+def _run(args) -> None:
+    if args.command == "report":
+        from calib.report import report
+
+        print("\n".join(report(args.bundle, args.float_bundle, args.threads)))
+    else:
+        from calib.recipes import default_recipe
+
+        recipe = default_recipe(args.backbone, args.precision, args.num_layers, args.target)
+        print(json.dumps(recipe.to_json(), indent=2))
 
 
 if __name__ == "__main__":

@@ -6,8 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mc_export.errors import MetaCanvasError
-from runtime.errors import MetaCanvasRuntimeError
+from mc_export.errors import run_cli
 
 
 def _add_init_checkpoint(sub) -> None:
@@ -159,12 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_init_checkpoint(sub)
     _add_reference(sub)
     args = parser.parse_args(argv)
-    try:
-        args.func(args)
-    except (MetaCanvasError, MetaCanvasRuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(lambda: args.func(args))
 
 
 if __name__ == "__main__":

@@ -37,3 +37,18 @@ class StageParityError(MetaCanvasError):
 
 class BuildError(MetaCanvasError):
     """A build that cannot be done as asked (a precision or target this machine cannot serve...)."""
+
+
+def run_cli(call) -> int:
+    """Run a CLI command: our errors (compiler's and runtime's) become one line on stderr and exit code 2;
+    anything else is a bug and keeps its traceback. Returns the exit code."""
+    import sys
+
+    from runtime.errors import MetaCanvasRuntimeError
+
+    try:
+        call()
+    except (MetaCanvasError, MetaCanvasRuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
