@@ -15,6 +15,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from calib.graph import external_data
 from calib.quantize import quantize_stage
 from calib.recipes import Recipe, default_recipe
 
@@ -63,10 +64,14 @@ def build_quantized(cfg, model, ranges, key: str, log) -> Path:
                                    low_memory=getattr(model, "lazy_weights", None) is not None)
                 if cfg.target == "tensorrt":  # TensorRT's explicit quantization takes the Q/DQ graph
                     _, engines[stage] = tensorrt_engine(components[stage], q.qdq_path, tmp, cfg, log)
-                else:  # ONNX Runtime: the optimised graph, integer kernels fused
-                    shutil.copyfile(q.cpu_path, tmp / f"{stage}.onnx")
-                    engines[stage] = dataclasses.replace(m.engines[stage], file=f"{stage}.onnx", sha256="",
-                                                         size_bytes=0, precision=cfg.precision, external_data=())
+                else:  # ONNX Runtime: the optimised graph, integer kernels fused (named for the bundle)
+                    shutil.copyfile(q.cpu_path, tmp / q.cpu_path.name)
+                    data = external_data(q.cpu_path)
+                    if data is not None:
+                        shutil.copyfile(data, tmp / data.name)
+                    engines[stage] = dataclasses.replace(
+                        m.engines[stage], file=q.cpu_path.name, sha256="", size_bytes=0, precision=cfg.precision,
+                        external_data=(data.name,) if data is not None else ())
                 records[stage] = q.manifest_record(recipe)
         replaced = {rel for stage in recipe.stages for rel in m.engines[stage].external_data}
         files = [rel for rel in m.files if rel not in replaced]
@@ -75,6 +80,7 @@ def build_quantized(cfg, model, ranges, key: str, log) -> Path:
         for stage, entry in m.engines.items():
             if stage not in recipe.stages:
                 shutil.copyfile(float_bundle.path / entry.file, tmp / entry.file)
+        files += [rel for stage in recipe.stages for rel in engines[stage].external_data]
         build_info = {**_thawed(m.build), "cache_key": key, "precision": cfg.precision,
                       "quantization": {"float_bundle": str(float_out), "float_cache_key": m.build["cache_key"],
                                        "stages": records}}

@@ -8,7 +8,10 @@ with shapes: there is no image set to ship), seeded, at the bundle's default siz
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -62,11 +65,49 @@ def media(task: str, height: int, width: int, num_frames: int, seed: int) -> dic
     return {}
 
 
-class _Recorder:
-    """Wraps an engine; keeps every call's feeds (the pipeline hands the same per-request arrays to every step,
-    so a request's prompt embeddings and canvas are stored once, by reference)."""
+class FeedStore(Sequence):
+    """Captured calls on disk, one call in memory at a time: ``store[i]`` loads call i's feeds (.npy, no
+    pickle). An array handed to several calls of one request (prompt embeddings, canvas) is written once. A
+    full-size Wan call's feeds are about 130 MB, so the default 64 calls would otherwise hold 8 GB."""
 
-    def __init__(self, engine, sink: list):
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._calls: list[dict[str, str]] = []  # input name -> file
+        self._request: dict[int, tuple[object, str]] = {}  # id -> (the array, kept alive; its file)
+        self._files = 0
+
+    def append(self, feeds: dict) -> None:
+        call = {}
+        for name, value in feeds.items():
+            seen = self._request.get(id(value))
+            if seen is None:
+                file = f"{self._files:06d}.npy"
+                self._files += 1
+                np.save(self.directory / file, np.asarray(value), allow_pickle=False)
+                seen = self._request[id(value)] = (value, file)
+            call[name] = seen[1]
+        self._calls.append(call)
+
+    def end_request(self) -> None:
+        self._request.clear()
+
+    def __len__(self) -> int:
+        return len(self._calls)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            view = copy.copy(self)
+            view._calls = self._calls[index]
+            return view
+        return {name: np.load(self.directory / file, allow_pickle=False)
+                for name, file in self._calls[index].items()}
+
+
+class _Recorder:
+    """Wraps an engine; appends every call's feeds to ``sink`` (a list or a `FeedStore`)."""
+
+    def __init__(self, engine, sink):
         self.engine, self.sink = engine, sink
 
     def __getattr__(self, name):
@@ -77,7 +118,7 @@ class _Recorder:
         return self.engine(feeds)
 
 
-def run(pipe, req: CalibRequest, steps: int, stage: str | None = None, sink: list | None = None):
+def run(pipe, req: CalibRequest, steps: int, stage: str | None = None, sink=None):
     """One request through ``pipe`` at the bundle's default size; with ``stage``/``sink``, that engine's feeds
     are appended to ``sink``. Returns the generation output."""
     d = pipe.manifest.defaults
@@ -92,9 +133,13 @@ def run(pipe, req: CalibRequest, steps: int, stage: str | None = None, sink: lis
             pipe.engines[stage] = engine
 
 
-def capture(pipe, stage: str, reqs: list[CalibRequest], steps: int) -> list[dict[str, np.ndarray]]:
-    """Every call's inputs of ``stage`` over the requests, in order (deterministic: seeded noise and media)."""
-    sink: list[dict[str, np.ndarray]] = []
+def capture(pipe, stage: str, reqs: list[CalibRequest], steps: int,
+            directory: Path | None = None) -> Sequence[dict[str, np.ndarray]]:
+    """Every call's inputs of ``stage`` over the requests, in order (deterministic: seeded noise and media);
+    in memory, or in a `FeedStore` under ``directory``."""
+    sink = [] if directory is None else FeedStore(directory)
     for req in reqs:
         run(pipe, req, steps, stage, sink)
+        if directory is not None:
+            sink.end_request()
     return sink

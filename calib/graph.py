@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -16,6 +17,28 @@ WEIGHT_OPS = ("MatMul", "Conv", "Gemm")
 INTEGER_OPS = ("MatMulInteger", "QLinearMatMul", "MatMulIntegerToFloat", "ConvInteger", "QLinearConv",
                "DynamicQuantizeMatMul", "QGemm")
 _TRANSPOSED = ".T"  # suffix of a folded `Transpose(W)` initializer
+# Weights past this go to `<file>.data` (protobuf caps one file at 2 GB, less a margin for the graph). A module
+# value, so that a test can send a tiny model down the full-size path.
+EXTERNAL_DATA_BYTES = 2**31 - 2**20
+
+
+def external_data(path: Path) -> Path | None:
+    """``<path>.data`` if the model at ``path`` keeps its weights there (the naming every writer here uses)."""
+    data = Path(path).with_name(Path(path).name + ".data")
+    return data if data.exists() else None
+
+
+def save_model(model: onnx.ModelProto, path: Path) -> None:
+    """Write ``model`` to ``path``, its weights to ``<path>.data`` when they pass `EXTERNAL_DATA_BYTES`. (The
+    weights then leave ``model``'s memory.)"""
+    path = Path(path)
+    data = path.with_name(path.name + ".data")
+    data.unlink(missing_ok=True)  # onnx appends to an existing data file
+    if sum(t.ByteSize() for t in model.graph.initializer) > EXTERNAL_DATA_BYTES:
+        onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name,
+                  size_threshold=1024)
+    else:
+        onnx.save(model, str(path))
 
 
 def fold_weight_transposes(model: onnx.ModelProto) -> onnx.ModelProto:

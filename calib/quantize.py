@@ -7,14 +7,17 @@ budget holds (or fail with the measured numbers).
     QDQ --ORT offline optimisation--> the CPU model (integer kernels: MatMulInteger / QLinearConv ...)
     gates: per-stage cosine of the step's update on held-out feeds; mean PSNR of decoded frames vs float
 
-Memory: one stage at a time. Capture runs the float bundle's engines; calibration and evaluation hold the
-float and the quantized copies of the quantized stage only.
+Memory: one stage at a time. Capture runs the float bundle's engines and writes each call's feeds to disk
+(`calib.capture.FeedStore`); calibration, sensitivity and SmoothQuant read one call at a time and fetch its
+activations in chunks of a quarter of the available memory (`calib.activations`); evaluation holds the float
+and the quantized copies of the quantized stage only.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +25,9 @@ import numpy as np
 import onnx
 
 from calib import capture as cap
-from calib.graph import fold_weight_transposes, integer_kernels, qdq_fp8, smooth, weight_layers
+from calib.activations import Exposer
+from calib.graph import (external_data, fold_weight_transposes, integer_kernels, qdq_fp8, save_model, smooth,
+                         weight_layers)
 from calib.recipes import Recipe
 from mc_export.errors import BuildError
 
@@ -110,30 +115,16 @@ def _method(recipe: Recipe):
     return getattr(CalibrationMethod, _METHODS[recipe.calibration])
 
 
-def _exposing_session(prepared: Path, tensors: list[str], threads: int | None = None):
-    """A float session over ``prepared`` that also returns ``tensors`` (graph optimisation off: every exposed
-    tensor must survive)."""
-    import onnxruntime as ort
-
-    model = onnx.load(str(prepared))
-    have = {o.name for o in model.graph.output}
-    model.graph.output.extend([onnx.helper.make_empty_tensor_value_info(t) for t in tensors if t not in have])
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    if threads:
-        so.intra_op_num_threads = threads
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    names = [i.name for i in sess.get_inputs()]
-    return lambda feeds: dict(zip(tensors, sess.run(tensors, {n: feeds[n] for n in names})))
-
-
-def calibrate(prepared: Path, nodes: list[str], feeds: list[dict], recipe: Recipe, cache: Path,
-              threads: int | None = None) -> None:
+def calibrate(prepared: Path, nodes: list[str], feeds: Sequence[dict], recipe: Recipe, cache: Path,
+              threads: int | None = None, budget: int | None = None) -> None:
     """Activation ranges of every quantizable layer's input and output over ``feeds``, written to ``cache`` in
     ONNX Runtime's calibration-cache format (the quantizer then reads them instead of calibrating).
 
     ORT's own calibrator stacks each tensor's samples into one array, which fails when shapes differ between
-    requests (prompt lengths do); here each call is collected on its own, with ORT's histogram collectors."""
+    requests (prompt lengths do) and holds every call's activations at once; here each call is collected on
+    its own, in chunks of at most ``budget`` bytes (`calib.activations`), with ORT's histogram collectors.
+    A tensor's histogram only ever sees its own values, call by call, so the ranges do not depend on the
+    chunking."""
     import contextlib
     import io
 
@@ -142,13 +133,14 @@ def calibrate(prepared: Path, nodes: list[str], feeds: list[dict], recipe: Recip
 
     by_name = {n.name: n for n in onnx.load(str(prepared), load_external_data=False).graph.node}
     tensors = sorted({t for n in nodes for t in (by_name[n].input[0], by_name[n].output[0])})
-    run = _exposing_session(prepared, tensors, threads)
+    expose = Exposer(prepared, tensors, budget, threads)
     if recipe.calibration == "minmax":
         lo, hi = {}, {}
         for f in feeds:
-            for t, v in run(f).items():
-                lo[t] = min(lo.get(t, np.inf), float(v.min()))
-                hi[t] = max(hi.get(t, -np.inf), float(v.max()))
+            for chunk in expose(f):
+                for t, v in chunk.items():
+                    lo[t] = min(lo.get(t, np.inf), float(v.min()))
+                    hi[t] = max(hi.get(t, -np.inf), float(v.max()))
         data = {t: (np.float32(lo[t]), np.float32(hi[t])) for t in tensors}
     else:
         collector = HistogramCollector(method=recipe.calibration, symmetric=False,
@@ -156,7 +148,8 @@ def calibrate(prepared: Path, nodes: list[str], feeds: list[dict], recipe: Recip
                                        num_quantized_bins=128, percentile=recipe.percentile, scenario="same")
         with contextlib.redirect_stdout(io.StringIO()):  # the collector prints per call
             for f in feeds:
-                collector.collect({t: [v] for t, v in run(f).items()})
+                for chunk in expose(f):
+                    collector.collect({t: [v] for t, v in chunk.items()})
             data = collector.compute_collection_result()
     save_tensors_data(TensorsData(_method(recipe), data), cache)
 
@@ -172,7 +165,7 @@ def quantize_model(prepared: Path, out: Path, recipe: Recipe, nodes: list[str], 
         by_name = {n.name: n for n in model.graph.node}
         amax = {by_name[n].input[0]: max(abs(float(v)) for v in ranges[by_name[n].input[0]].range_value)
                 for n in nodes}
-        onnx.save(qdq_fp8(model, nodes, amax), str(out))
+        save_model(qdq_fp8(model, nodes, amax), out)
         return
 
     quantize_static(
@@ -181,7 +174,7 @@ def quantize_model(prepared: Path, out: Path, recipe: Recipe, nodes: list[str], 
         per_channel=recipe.per_channel_weights, reduce_range=recipe.reduce_range,
         # uint8 activations, int8 weights: the pair ONNX Runtime's CPU integer kernels are fast with
         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=_method(recipe),
-        calibration_cache_path=str(ranges_cache),
+        calibration_cache_path=str(ranges_cache), use_external_data_format=external_data(prepared) is not None,
         extra_options={"MatMulConstBOnly": True, "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1}})
 
 
@@ -207,71 +200,78 @@ def _fake_quant(x: np.ndarray, lo: float, hi: float, recipe: Recipe, axis: int |
     return (np.clip(np.round(x / scale) + zp, 0, 255) - zp) * scale
 
 
-def _nsr(x: np.ndarray, xq: np.ndarray) -> float:
-    return float(np.sum((x - xq) ** 2) / max(np.sum(x.astype(np.float64) ** 2), 1e-30))
-
-
-def sensitivity(prepared: Path, ranges_cache: Path, nodes: list[str], feeds: list[dict], recipe: Recipe,
-                threads: int | None = None) -> dict[str, float]:
+def sensitivity(prepared: Path, ranges_cache: Path, nodes: list[str], feeds: Sequence[dict], recipe: Recipe,
+                threads: int | None = None, budget: int | None = None) -> dict[str, float]:
     """Per layer: the quantization noise-to-signal ratio of its input activation (calibrated range) plus its
     weight (the recipe's granularity), measured on real activations of ``feeds``: the layer's own share of the
-    error, larger = more sensitive. One float run with every layer input exposed."""
+    error, larger = more sensitive. The activation sums accumulate chunk by chunk (`calib.activations`); the
+    weights are read one layer at a time."""
     from onnx import numpy_helper
     from onnxruntime.quantization import load_tensors_data
 
-    model = onnx.load(str(prepared))
+    model = onnx.load(str(prepared), load_external_data=False)
     by_name = {n.name: n for n in model.graph.node}
     inits = {t.name: t for t in model.graph.initializer}
     acts = sorted({by_name[n].input[0] for n in nodes})
-    run = _exposing_session(prepared, acts, threads)
     ranges = load_tensors_data(str(ranges_cache)).data
-    values: dict[str, list[np.ndarray]] = {a: [] for a in acts}
+    noise, signal = dict.fromkeys(acts, 0.0), dict.fromkeys(acts, 0.0)
+    expose = Exposer(prepared, acts, budget, threads)
     for f in feeds:
-        for a, v in run(f).items():
-            values[a].append(v)
+        for chunk in expose(f):
+            for a, x in chunk.items():
+                lo, hi = (float(v) for v in ranges[a].range_value)
+                noise[a] += float(np.sum(np.square(x - _fake_quant(x, lo, hi, recipe)), dtype=np.float64))
+                signal[a] += float(np.sum(np.square(x), dtype=np.float64))
     out = {}
     for n in nodes:
         node = by_name[n]
-        lo, hi = (float(v) for v in ranges[node.input[0]].range_value)
-        x = np.concatenate([v.ravel() for v in values[node.input[0]]])
-        w = numpy_helper.to_array(inits[node.input[1]])
+        w = numpy_helper.to_array(inits[node.input[1]], base_dir=str(Path(prepared).parent))
         axis = None
         if recipe.per_channel_weights:
             axis = 1 if node.op_type == "MatMul" else 0  # MatMul (K, N): per output column; Conv/Gemm: per row
-        out[n] = _nsr(x, _fake_quant(x, lo, hi, recipe)) + _nsr(w, _fake_quant(w, 0.0, 0.0, recipe, axis))
+        a = node.input[0]
+        out[n] = noise[a] / max(signal[a], 1e-30) + _nsr(w, _fake_quant(w, 0.0, 0.0, recipe, axis))
     return out
 
 
-def _activation_absmax(prepared: Path, nodes: list[str], feeds: list[dict]) -> dict[str, np.ndarray]:
+def _nsr(x: np.ndarray, xq: np.ndarray) -> float:
+    noise = np.sum(np.square(x - xq), dtype=np.float64)
+    return float(noise / max(np.sum(np.square(x), dtype=np.float64), 1e-30))
+
+
+def _activation_absmax(prepared: Path, nodes: list[str], feeds: Sequence[dict], budget: int | None = None
+                       ) -> dict[str, np.ndarray]:
     """Per input channel (last axis) max |X| of each MatMul layer over ``feeds`` (SmoothQuant's statistic)."""
     by_name = {n.name: n for n in onnx.load(str(prepared), load_external_data=False).graph.node}
     mm = [n for n in nodes if by_name[n].op_type == "MatMul"]
-    run = _exposing_session(prepared, sorted({by_name[n].input[0] for n in mm}))
+    expose = Exposer(prepared, sorted({by_name[n].input[0] for n in mm}), budget)
     amax: dict[str, np.ndarray] = {}
     for f in feeds:
-        for a, v in run(f).items():
-            m = np.abs(v).reshape(-1, v.shape[-1]).max(axis=0)
-            amax[a] = m if a not in amax else np.maximum(amax[a], m)
+        for chunk in expose(f):
+            for a, v in chunk.items():
+                m = np.abs(v).reshape(-1, v.shape[-1]).max(axis=0)
+                amax[a] = m if a not in amax else np.maximum(amax[a], m)
     return {n: amax[by_name[n].input[0]] for n in mm}
 
 
 # --- the loop ---------------------------------------------------------------------------------------------------
-def prepare(raw: Path, out: Path, recipe: Recipe, feeds: list[dict]) -> tuple[dict[str, str], list[str]]:
+def prepare(raw: Path, out: Path, recipe: Recipe, feeds: Sequence[dict]) -> tuple[dict[str, str], list[str]]:
     """Fold weight transposes (and apply SmoothQuant) into ``out``. Returns (layer node -> weight name, the
     candidate nodes: weight layers the recipe does not keep in float)."""
     model = fold_weight_transposes(onnx.load(str(raw)))
     layers = weight_layers(model)
     candidates = [n for n, w in layers.items() if not recipe.keeps_float(w)]
-    onnx.save(model, str(out))
+    save_model(model, out)
+    del model
     if recipe.smoothquant_alpha is not None:
         stats = _activation_absmax(out, candidates, feeds[: max(1, len(feeds) // 4)])
         model = onnx.load(str(out))
         smooth(model, stats, recipe.smoothquant_alpha)
-        onnx.save(model, str(out))
+        save_model(model, out)
     return layers, candidates
 
 
-def evaluate(pipe, stage: str, candidate, held_feeds: list[dict], held_reqs, float_frames, steps: int,
+def evaluate(pipe, stage: str, candidate, held_feeds: Sequence[dict], held_reqs, float_frames, steps: int,
              threads: int | None) -> StageMetrics:
     """Swap ``candidate`` (an ORT model path) in for the bundle's ``stage`` engine and measure it."""
     from runtime.engine import load_engine
@@ -305,8 +305,8 @@ def quantize_stage(float_bundle: Path, raw: Path, recipe: Recipe, stage: str, wo
     calib_reqs = cap.requests(tasks, recipe.calibration_prompts, (0,), "calibration")
     held_reqs = cap.requests(tasks, recipe.held_out_prompts, recipe.held_out_seeds, "held_out")
     log(f"  calibration: {len(calib_reqs)} requests x {recipe.calibration_steps} steps ({', '.join(tasks)})")
-    feeds = cap.capture(pipe, stage, calib_reqs, recipe.calibration_steps)
-    held_feeds = cap.capture(pipe, stage, held_reqs[:1], recipe.calibration_steps)
+    feeds = cap.capture(pipe, stage, calib_reqs, recipe.calibration_steps, workdir / f"{stage}.feeds")
+    held_feeds = cap.capture(pipe, stage, held_reqs[:1], recipe.calibration_steps, workdir / f"{stage}.held")
     steps = recipe.evaluation_steps
     float_frames = [cap.run(pipe, req, steps).frames for req in held_reqs]
 
@@ -319,7 +319,8 @@ def quantize_stage(float_bundle: Path, raw: Path, recipe: Recipe, stage: str, wo
     scores = None
     for round_ in range(recipe.max_fallback_rounds + 1):
         nodes = [n for n in candidates if n not in fallback]
-        qdq, cpu = workdir / f"{stage}.qdq{round_}.onnx", workdir / f"{stage}.cpu{round_}.onnx"
+        (workdir / f"round{round_}").mkdir(exist_ok=True)  # cpu: the name the bundle gives it, data included
+        qdq, cpu = workdir / f"round{round_}" / f"{stage}.qdq.onnx", workdir / f"round{round_}" / f"{stage}.onnx"
         quantize_model(prepared, qdq, recipe, nodes, ranges)
         optimize_for_ort(qdq, cpu)
         metrics = evaluate(pipe, stage, cpu, held_feeds, held_reqs, float_frames, steps, threads)

@@ -20,7 +20,9 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+import calib.graph
 from calib import capture as cap
+from calib.activations import Exposer, plan_chunks
 from calib.graph import fold_weight_transposes, integer_kernels, qdq_fp8, smooth, weight_layers
 from calib.quantize import calibrate, prepare, psnr, quantize_stage, sensitivity
 from calib.recipes import Budget, Recipe, default_recipe
@@ -174,6 +176,53 @@ def test_calibration_is_deterministic(float_bundle, raw_denoise, tmp_path):
     assert out[0] == out[1]
 
 
+def test_captured_feeds_on_disk_equal_the_pipeline_s_and_shared_arrays_are_written_once(float_bundle, feeds,
+                                                                                        tmp_path):
+    pipe = Pipeline.load(float_bundle, threads=1)
+    store = cap.capture(pipe, "denoise", cap.requests(("t2i",), 2, (0,), "calibration"), 3, tmp_path / "f")
+    assert len(store) == len(feeds) == 6
+    for ours, theirs in zip(store, feeds):  # bit-exact: .npy round trip
+        assert ours.keys() == theirs.keys()
+        assert all(np.array_equal(ours[k], theirs[k]) and ours[k].dtype == theirs[k].dtype for k in ours)
+    # an array handed to every step of a request (prompt embeddings, canvas) is one file per request
+    distinct = sum(len({id(v) for f in feeds[r:r + 3] for v in f.values()}) for r in (0, 3))
+    assert len(list((tmp_path / "f").glob("*.npy"))) == distinct < sum(len(f) for f in feeds)
+    view = store[1:3]
+    assert len(view) == 2 and np.array_equal(view[0]["sample"], feeds[1]["sample"])
+
+
+def test_activations_fetched_in_chunks_equal_one_run_and_respect_the_budget(float_bundle, raw_denoise, feeds,
+                                                                            tmp_path, monkeypatch):
+    recipe = Recipe(name="t", format="int8", **QUICK)
+    monkeypatch.setattr(calib.graph, "EXTERNAL_DATA_BYTES", 0)  # and the weights read from .data, as at full size
+    layers, nodes = prepare(raw_denoise, tmp_path / "p.onnx", recipe, feeds)
+    assert calib.graph.external_data(tmp_path / "p.onnx") is not None
+    by_name = {n.name: n for n in onnx.load(str(tmp_path / "p.onnx")).graph.node}
+    tensors = sorted({t for n in nodes for t in (by_name[n].input[0], by_name[n].output[0])})
+    whole = Exposer(tmp_path / "p.onnx", tensors, budget=1 << 40)
+    one = list(whole(feeds[0]))
+    sizes = whole.sizes(feeds[0])
+    assert len(one) == 1 and all(sizes[t] == v.nbytes for t, v in one[0].items())  # oracle: the arrays
+    budget = sum(sizes.values()) // 5
+    chunked = Exposer(tmp_path / "p.onnx", tensors, budget=budget)
+    chunks = list(chunked(feeds[0]))
+    assert len(chunks) >= 5 and all(sum(v.nbytes for v in c.values()) <= budget for c in chunks)
+    merged = {t: v for c in chunks for t, v in c.items()}
+    assert merged.keys() == one[0].keys() and all(np.array_equal(merged[t], one[0][t]) for t in merged)
+    # the ranges (and so the quantized model) do not depend on the chunking: identical files
+    calibrate(tmp_path / "p.onnx", nodes, feeds, recipe, tmp_path / "whole.json", budget=1 << 40)
+    calibrate(tmp_path / "p.onnx", nodes, feeds, recipe, tmp_path / "chunked.json", budget=budget)
+    assert (tmp_path / "whole.json").read_bytes() == (tmp_path / "chunked.json").read_bytes()
+    assert sensitivity(tmp_path / "p.onnx", tmp_path / "whole.json", nodes, feeds[:2], recipe, budget=1) == \
+        sensitivity(tmp_path / "p.onnx", tmp_path / "whole.json", nodes, feeds[:2], recipe, budget=1 << 40)
+
+
+def test_chunks_are_planned_in_order_within_the_budget():
+    sizes = {"a": 4, "b": 4, "c": 9, "d": 1, "e": 3}
+    assert plan_chunks(sizes, 8) == [["a", "b"], ["c"], ["d", "e"]]  # c alone: larger than the budget
+    assert plan_chunks(sizes, 100) == [list(sizes)]
+
+
 def test_sensitivity_ranks_the_layer_with_an_outlier_input_first(tmp_path):
     """Two parallel linears on inputs a and b; b carries one outlier, so its calibrated uint8 range is wide
     and every ordinary value of b loses resolution: b's layer must rank as the more sensitive."""
@@ -196,8 +245,10 @@ def test_sensitivity_ranks_the_layer_with_an_outlier_input_first(tmp_path):
 
 
 @pytest.mark.parametrize("fmt", ["int8", "fp8"])
-def test_a_quantized_denoise_stage_meets_the_budget(float_bundle, raw_denoise, tmp_path, fmt):
+def test_a_quantized_denoise_stage_meets_the_budget(float_bundle, raw_denoise, tmp_path, fmt, monkeypatch):
     recipe = dataclasses.replace(default_recipe("sana", fmt), **QUICK)
+    if fmt == "fp8":  # and through the full-size file layout (weights in .data), as TensorRT would parse it
+        monkeypatch.setattr(calib.graph, "EXTERNAL_DATA_BYTES", 0)
     q = quantize_stage(float_bundle, raw_denoise, recipe, "denoise", tmp_path, threads=1,
                        log=lambda *a: None)
     assert q.metrics.passes(recipe) and q.fallback == []
@@ -210,6 +261,7 @@ def test_a_quantized_denoise_stage_meets_the_budget(float_bundle, raw_denoise, t
         assert sum(kernels.values()) >= 0.8 * len(q.quantized), kernels
     else:
         assert any(t.data_type == TensorProto.FLOAT8E4M3FN for t in qdq.graph.initializer)
+        assert calib.graph.external_data(q.qdq_path) is not None
 
 
 def test_the_fallback_loop_moves_the_most_sensitive_layers_and_fails_with_numbers(float_bundle, raw_denoise,
@@ -231,8 +283,10 @@ def int8_bundle(float_bundle, tmp_path_factory):
     root = tmp_path_factory.mktemp("q")
     shutil.copytree(float_bundle, root / "sana-fp32")  # the float bundle the build expects at <out>-fp32
     recipe = dataclasses.replace(default_recipe("sana", "int8"), **QUICK)
-    return build(BuildConfig(out=root / "sana", backbone="sana", precision="int8", steps=3, recipe=recipe),
-                 log=lambda *a: None), recipe
+    with pytest.MonkeyPatch.context() as mp:  # the full-size file layout: every quantized graph's weights in .data
+        mp.setattr(calib.graph, "EXTERNAL_DATA_BYTES", 0)
+        return build(BuildConfig(out=root / "sana", backbone="sana", precision="int8", steps=3, recipe=recipe),
+                     log=lambda *a: None), recipe
 
 
 def test_an_int8_bundle_records_its_recipe_and_runs_on_integer_kernels(int8_bundle, float_bundle):
@@ -242,6 +296,7 @@ def test_an_int8_bundle_records_its_recipe_and_runs_on_integer_kernels(int8_bund
     assert record["recipe_sha256"] == recipe.digest() and Recipe.from_json(record["recipe"]) == recipe
     assert manifest["engines"]["denoise"]["precision"] == "int8"
     assert manifest["engines"]["planner"]["precision"] == "fp32"  # the planner and VAE stay float
+    assert manifest["engines"]["denoise"]["external_data"] == ["denoise.onnx.data"]
     assert sum(integer_kernels(onnx.load(str(path / "denoise.onnx"))).values()) > 0
     kw = dict(prompt=cap.requests(("t2i",), 1, (0,), "held_out")[0].prompt, seed=1234, num_inference_steps=3)
     ours = Pipeline.load(path, threads=1)(**kw)
