@@ -15,6 +15,7 @@ and the quantized copies of the quantized stage only.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Sequence
@@ -28,6 +29,7 @@ from calib import capture as cap
 from calib.activations import Exposer
 from calib.graph import (external_data, fold_weight_transposes, integer_kernels, qdq_fp8, save_model, smooth,
                          weight_layers)
+from benchmarks.timing import rss_phase
 from calib.recipes import Recipe
 from mc_export.errors import BuildError
 
@@ -75,12 +77,13 @@ class QuantizedStage:
     metrics: StageMetrics
     rounds: list[dict] = field(default_factory=list)
     integer_kernels: dict[str, int] = field(default_factory=dict)
+    peak_rss_mb: dict[str, float] = field(default_factory=dict)  # per phase: capture, calibrate, quantize, ...
 
     def manifest_record(self, recipe: Recipe) -> dict:
         return {"recipe": recipe.to_json(), "recipe_sha256": recipe.digest(),
                 "quantized_layers": len(self.quantized),
                 "kept_float": self.kept_float, "fallback": self.fallback, "metrics": self.metrics.to_json(),
-                "rounds": self.rounds, "integer_kernels": self.integer_kernels}
+                "rounds": self.rounds, "integer_kernels": self.integer_kernels, "peak_rss_mb": self.peak_rss_mb}
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -300,20 +303,31 @@ def quantize_stage(float_bundle: Path, raw: Path, recipe: Recipe, stage: str, wo
     from runtime.pipeline import Pipeline
 
     workdir = Path(workdir)
-    pipe = Pipeline.load(float_bundle, threads=threads, low_memory=low_memory)
-    tasks = tuple(pipe.manifest.tasks)
-    calib_reqs = cap.requests(tasks, recipe.calibration_prompts, (0,), "calibration")
-    held_reqs = cap.requests(tasks, recipe.held_out_prompts, recipe.held_out_seeds, "held_out")
-    log(f"  calibration: {len(calib_reqs)} requests x {recipe.calibration_steps} steps ({', '.join(tasks)})")
-    feeds = cap.capture(pipe, stage, calib_reqs, recipe.calibration_steps, workdir / f"{stage}.feeds")
-    held_feeds = cap.capture(pipe, stage, held_reqs[:1], recipe.calibration_steps, workdir / f"{stage}.held")
-    steps = recipe.evaluation_steps
-    float_frames = [cap.run(pipe, req, steps).frames for req in held_reqs]
+    peaks: dict[str, float] = {}  # phase -> peak resident MiB, the memory held when it began included
+
+    @contextlib.contextmanager
+    def phase(name: str):
+        with rss_phase() as record:
+            yield
+        peaks[name] = round(max(peaks.get(name, 0.0), record["peak_mb"]), 1)
+
+    with phase("capture"):
+        pipe = Pipeline.load(float_bundle, threads=threads, low_memory=low_memory)
+        tasks = tuple(pipe.manifest.tasks)
+        calib_reqs = cap.requests(tasks, recipe.calibration_prompts, (0,), "calibration")
+        held_reqs = cap.requests(tasks, recipe.held_out_prompts, recipe.held_out_seeds, "held_out")
+        log(f"  calibration: {len(calib_reqs)} requests x {recipe.calibration_steps} steps ({', '.join(tasks)})")
+        feeds = cap.capture(pipe, stage, calib_reqs, recipe.calibration_steps, workdir / f"{stage}.feeds")
+        held_feeds = cap.capture(pipe, stage, held_reqs[:1], recipe.calibration_steps, workdir / f"{stage}.held")
+        steps = recipe.evaluation_steps
+        float_frames = [cap.run(pipe, req, steps).frames for req in held_reqs]
 
     prepared = workdir / f"{stage}.prepared.onnx"
-    layers, candidates = prepare(raw, prepared, recipe, feeds)
     ranges = workdir / f"{stage}.ranges.json"
-    calibrate(prepared, candidates, feeds, recipe, ranges, threads)
+    with phase("calibrate"):
+        layers, candidates = prepare(raw, prepared, recipe, feeds)
+        calibrate(prepared, candidates, feeds, recipe, ranges, threads)
+    log(f"  peak RSS: capture {peaks['capture'] / 1024:.1f} GiB, calibration {peaks['calibrate'] / 1024:.1f} GiB")
     fallback: list[str] = []
     rounds: list[dict] = []
     scores = None
@@ -321,20 +335,24 @@ def quantize_stage(float_bundle: Path, raw: Path, recipe: Recipe, stage: str, wo
         nodes = [n for n in candidates if n not in fallback]
         (workdir / f"round{round_}").mkdir(exist_ok=True)  # cpu: the name the bundle gives it, data included
         qdq, cpu = workdir / f"round{round_}" / f"{stage}.qdq.onnx", workdir / f"round{round_}" / f"{stage}.onnx"
-        quantize_model(prepared, qdq, recipe, nodes, ranges)
-        optimize_for_ort(qdq, cpu)
-        metrics = evaluate(pipe, stage, cpu, held_feeds, held_reqs, float_frames, steps, threads)
+        with phase("quantize"):
+            quantize_model(prepared, qdq, recipe, nodes, ranges)
+            optimize_for_ort(qdq, cpu)
+        with phase("evaluate"):
+            metrics = evaluate(pipe, stage, cpu, held_feeds, held_reqs, float_frames, steps, threads)
         rounds.append({"quantized_layers": len(nodes), **metrics.to_json()})
-        log(f"  round {round_}: {len(nodes)} layers in {recipe.format}: {metrics.shortfall(recipe)}")
+        log(f"  round {round_}: {len(nodes)} layers in {recipe.format}: {metrics.shortfall(recipe)} (peak RSS: "
+            f"quantize {peaks['quantize'] / 1024:.1f} GiB, evaluate {peaks['evaluate'] / 1024:.1f} GiB)")
         if metrics.passes(recipe):
             return QuantizedStage(qdq, cpu, [layers[n] for n in nodes],
                                   sorted({w for w in layers.values() if recipe.keeps_float(w)}),
                                   [layers[n] for n in fallback], metrics, rounds,
-                                  integer_kernels(onnx.load(str(cpu), load_external_data=False)))
+                                  integer_kernels(onnx.load(str(cpu), load_external_data=False)), peaks)
         if not nodes or round_ == recipe.max_fallback_rounds:
             break
         if scores is None:
-            scores = sensitivity(prepared, ranges, candidates, feeds[:2], recipe, threads)
+            with phase("sensitivity"):
+                scores = sensitivity(prepared, ranges, candidates, feeds[:2], recipe, threads)
         k = max(1, math.ceil(recipe.fallback_fraction * len(nodes)))
         fallback += sorted(nodes, key=lambda n: -scores[n])[:k]
     raise BuildError(f"{stage}: {recipe.name} misses its accuracy budget after {len(rounds)} rounds "

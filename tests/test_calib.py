@@ -297,6 +297,7 @@ def test_an_int8_bundle_records_its_recipe_and_runs_on_integer_kernels(int8_bund
     assert manifest["engines"]["denoise"]["precision"] == "int8"
     assert manifest["engines"]["planner"]["precision"] == "fp32"  # the planner and VAE stay float
     assert manifest["engines"]["denoise"]["external_data"] == ["denoise.onnx.data"]
+    assert set(record["peak_rss_mb"]) == {"capture", "calibrate", "quantize", "evaluate"}  # no fallback ran
     assert sum(integer_kernels(onnx.load(str(path / "denoise.onnx"))).values()) > 0
     kw = dict(prompt=cap.requests(("t2i",), 1, (0,), "held_out")[0].prompt, seed=1234, num_inference_steps=3)
     ours = Pipeline.load(path, threads=1)(**kw)
