@@ -14,11 +14,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 
 from benchmarks.env import fingerprint
 from benchmarks.errors import BenchmarkError
 from benchmarks.timing import lifetime_peak_rss_mb, percentile, rss_phase, summarize
+from runtime.media import synthetic_media
 
 DEFAULT_PROMPT = "a red fox running through snow at dawn, cinematic lighting"
 # Report labels of stages whose name alone would mislead.
@@ -45,23 +45,6 @@ class LatencyConfig:
             raise BenchmarkError(f"{self.bundle} is not a bundle (no manifest.json); build one with "
                                  "`python -m mc_export build ... --out DIR`")
         return self
-
-
-def synthetic_inputs(task: str, height: int, width: int, num_frames: int, seed: int = 0) -> dict:
-    """The media a task needs, as seeded random uint8 RGB at the request's size: ``image`` (edit, i2v),
-    ``video`` (v2v: num_frames frames) or ``reference_images`` (r2v: one image); {} for t2i / t2v."""
-    rng = np.random.default_rng(seed)
-
-    def image() -> np.ndarray:
-        return rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
-
-    if task in ("edit", "i2v"):
-        return {"image": image()}
-    if task == "v2v":
-        return {"video": np.stack([image() for _ in range(num_frames)])}
-    if task == "r2v":
-        return {"reference_images": [image()]}
-    return {}
 
 
 class _LoopClock:
@@ -127,7 +110,7 @@ def run_latency(cfg: LatencyConfig, log=print) -> dict:
     if task not in m.tasks:
         raise BenchmarkError(f"task {task!r} is not in this bundle; it serves {', '.join(m.tasks)}")
     d = m.defaults
-    media = synthetic_inputs(task, d["height"], d["width"], d["num_frames"])
+    media = synthetic_media(task, d["height"], d["width"], d["num_frames"])
 
     def call(seed: int):
         return pipe(cfg.prompt, task=task, num_inference_steps=cfg.steps, seed=seed, **media)

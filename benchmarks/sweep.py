@@ -16,8 +16,9 @@ import numpy as np
 from benchmarks.bundles import DEFAULT_CACHE, build_config, cached_bundle
 from benchmarks.env import fingerprint
 from benchmarks.errors import BenchmarkError
-from benchmarks.latency import DEFAULT_PROMPT, synthetic_inputs
+from benchmarks.latency import DEFAULT_PROMPT
 from benchmarks.timing import run_alternating, summarize
+from runtime.media import synthetic_media
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,7 @@ def step_feeds(pipe, task: str, height: int, width: int, num_frames: int) -> dic
     pipe.engines["denoise"] = recorder
     try:
         pipe(DEFAULT_PROMPT, task=task, height=height, width=width, num_frames=num_frames, num_inference_steps=1,
-             **synthetic_inputs(task, height, width, num_frames))
+             **synthetic_media(task, height, width, num_frames))
     finally:
         pipe.engines["denoise"] = recorder.engine
     return recorder.feeds

@@ -2,8 +2,8 @@
 
 A diffusion model's activations drift across timesteps, so the denoise step is captured at every step of
 every calibration request, with both CFG rows (the step graph takes them as one batch of 2). Requests cycle
-through the bundle's tasks; tasks with image/video inputs get synthetic media (smooth random colour fields
-with shapes: there is no image set to ship), seeded, at the bundle's default size.
+through the bundle's tasks; tasks with image/video inputs get seeded synthetic media at the bundle's default
+size (`runtime.media.synthetic_media`: there is no image set to ship).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from calib.prompts import load_prompts
+from runtime.media import synthetic_media
 
 EDIT_TASKS = ("edit", "v2v")  # tasks whose prompt is an edit instruction
 
@@ -36,33 +37,6 @@ def requests(tasks: tuple[str, ...], n_prompts: int, seeds: tuple[int, ...], spl
             prompts = load_prompts("edit" if task in EDIT_TASKS else "generation", split)
             out.append(CalibRequest(task, prompts[i % len(prompts)], seed))
     return out
-
-
-def synthetic_image(height: int, width: int, seed: int) -> np.ndarray:
-    """A smooth, image-like uint8 (H, W, 3): a bilinearly upsampled 4x4 colour field plus a bright disc."""
-    rng = np.random.default_rng(seed)
-    coarse = rng.uniform(0, 255, (4, 4, 3))
-    ys, xs = np.linspace(0, 3, height), np.linspace(0, 3, width)
-    y0, x0 = np.minimum(ys.astype(int), 2), np.minimum(xs.astype(int), 2)
-    fy, fx = (ys - y0)[:, None, None], (xs - x0)[None, :, None]
-    img = ((1 - fy) * (1 - fx) * coarse[y0][:, x0] + (1 - fy) * fx * coarse[y0][:, x0 + 1]
-           + fy * (1 - fx) * coarse[y0 + 1][:, x0] + fy * fx * coarse[y0 + 1][:, x0 + 1])
-    cy, cx, r = rng.uniform(0.25, 0.75) * height, rng.uniform(0.25, 0.75) * width, 0.2 * min(height, width)
-    disc = (np.arange(height)[:, None] - cy) ** 2 + (np.arange(width)[None, :] - cx) ** 2 < r * r
-    img[disc] = rng.uniform(128, 255, 3)
-    return np.clip(img, 0, 255).astype(np.uint8)
-
-
-def media(task: str, height: int, width: int, num_frames: int, seed: int) -> dict:
-    """The pipeline keyword arguments a task's inputs need (none for t2i / t2v)."""
-    if task in ("edit", "i2v"):
-        return {"image": synthetic_image(height, width, seed)}
-    if task == "v2v":
-        base = synthetic_image(height, width, seed).astype(np.int16)
-        return {"video": np.stack([np.clip(base + 3 * f, 0, 255).astype(np.uint8) for f in range(num_frames)])}
-    if task == "r2v":
-        return {"reference_images": [synthetic_image(height, width, seed)]}
-    return {}
 
 
 class FeedStore(Sequence):
@@ -127,7 +101,7 @@ def run(pipe, req: CalibRequest, steps: int, stage: str | None = None, sink=None
         pipe.engines[stage] = _Recorder(engine, sink)
     try:
         return pipe(req.prompt, task=req.task, num_inference_steps=steps, seed=req.seed,
-                    **media(req.task, d["height"], d["width"], d["num_frames"], req.seed))
+                    **synthetic_media(req.task, d["height"], d["width"], d["num_frames"], req.seed))
     finally:
         if engine is not None:
             pipe.engines[stage] = engine

@@ -88,3 +88,31 @@ def _even(frames: np.ndarray) -> np.ndarray:
     f, h, w, _ = frames.shape
     return frames[:, : h - h % 2, : w - w % 2]
 
+
+def synthetic_image(height: int, width: int, seed: int) -> np.ndarray:
+    """A smooth, image-like uint8 (H, W, 3): a bilinearly upsampled 4x4 colour field plus a bright disc."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.uniform(0, 255, (4, 4, 3))
+    ys, xs = np.linspace(0, 3, height), np.linspace(0, 3, width)
+    y0, x0 = np.minimum(ys.astype(int), 2), np.minimum(xs.astype(int), 2)
+    fy, fx = (ys - y0)[:, None, None], (xs - x0)[None, :, None]
+    img = ((1 - fy) * (1 - fx) * coarse[y0][:, x0] + (1 - fy) * fx * coarse[y0][:, x0 + 1]
+           + fy * (1 - fx) * coarse[y0 + 1][:, x0] + fy * fx * coarse[y0 + 1][:, x0 + 1])
+    cy, cx, r = rng.uniform(0.25, 0.75) * height, rng.uniform(0.25, 0.75) * width, 0.2 * min(height, width)
+    disc = (np.arange(height)[:, None] - cy) ** 2 + (np.arange(width)[None, :] - cx) ** 2 < r * r
+    img[disc] = rng.uniform(128, 255, 3)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def synthetic_media(task: str, height: int, width: int, num_frames: int, seed: int = 0) -> dict:
+    """The pipeline keyword arguments a task's inputs need, seeded: ``image`` (edit, i2v), ``video`` (v2v: a
+    slowly brightening image) or ``reference_images`` (r2v: one image); {} for t2i / t2v. Calibration and the
+    benchmarks feed these where a task takes media."""
+    if task in ("edit", "i2v"):
+        return {"image": synthetic_image(height, width, seed)}
+    if task == "v2v":
+        base = synthetic_image(height, width, seed).astype(np.int16)
+        return {"video": np.stack([np.clip(base + 3 * f, 0, 255).astype(np.uint8) for f in range(num_frames)])}
+    if task == "r2v":
+        return {"reference_images": [synthetic_image(height, width, seed)]}
+    return {}

@@ -31,6 +31,7 @@ from mc_export.errors import BuildError, ConfigError
 from mc_export.export.onnx_export import export_component
 from mc_export.models.metacanvas import MetaCanvas
 from mc_export.stages import plan_stages
+from runtime.media import synthetic_media
 from runtime.pipeline import Pipeline
 
 QUICK = dict(calibration_prompts=4, calibration_steps=3, held_out_prompts=2, held_out_seeds=(1000,),
@@ -174,6 +175,18 @@ def test_calibration_is_deterministic(float_bundle, raw_denoise, tmp_path):
         calibrate(tmp_path / f"p{i}.onnx", nodes, f, recipe, tmp_path / f"r{i}.json")
         out.append((tmp_path / f"r{i}.json").read_bytes())
     assert out[0] == out[1]
+
+
+def test_synthetic_media_fit_each_task_and_are_seeded():
+    assert synthetic_media("t2i", 32, 48, 5) == {} and synthetic_media("t2v", 32, 48, 5) == {}
+    image = synthetic_media("edit", 32, 48, 5, seed=3)["image"]
+    assert image.shape == (32, 48, 3) and image.dtype == np.uint8 and image.std() > 10  # not a flat field
+    assert np.array_equal(synthetic_media("i2v", 32, 48, 5, seed=3)["image"], image)
+    assert not np.array_equal(synthetic_media("edit", 32, 48, 5, seed=4)["image"], image)
+    video = synthetic_media("v2v", 32, 48, 5, seed=3)["video"]
+    assert video.shape == (5, 32, 48, 3)
+    assert np.array_equal(video[4], np.clip(image.astype(np.int16) + 12, 0, 255).astype(np.uint8))
+    assert np.array_equal(synthetic_media("r2v", 32, 48, 5, seed=3)["reference_images"][0], image)
 
 
 def test_captured_feeds_on_disk_equal_the_pipeline_s_and_shared_arrays_are_written_once(float_bundle, feeds,

@@ -220,7 +220,8 @@ def test_cpu_machine_never_imports_tensorrt_cuda_or_polygraphy(bundles):
             print('refused:', e)
     """)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    res = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, env=env, timeout=300)
+    res = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, env=env,
+                         timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "generated (1, 64, 64, 3)" in res.stdout
     assert "refused:" in res.stdout and "NVIDIA GPU with TensorRT" in res.stdout
