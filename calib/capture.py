@@ -41,8 +41,9 @@ def requests(tasks: tuple[str, ...], n_prompts: int, seeds: tuple[int, ...], spl
 
 class FeedStore(Sequence):
     """Captured calls on disk, one call in memory at a time: ``store[i]`` loads call i's feeds (.npy, no
-    pickle). An array handed to several calls of one request (prompt embeddings, canvas) is written once. A
-    full-size Wan call's feeds are about 130 MB, so the default 64 calls would otherwise hold 8 GB."""
+    pickle). An array handed to several calls of one request (prompt embeddings, canvas) is written once. At
+    full size a Wan call's feeds are about 130 MB plus a 670 MB canvas per request: the default 64 calls would
+    otherwise hold about 14 GB."""
 
     def __init__(self, directory: Path):
         self.directory = Path(directory)
