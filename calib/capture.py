@@ -49,23 +49,25 @@ class FeedStore(Sequence):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self._calls: list[dict[str, str]] = []  # input name -> file
-        self._request: dict[int, tuple[object, str]] = {}  # id -> (the array, kept alive; its file)
+        self._last: dict[int, tuple[object, str]] = {}  # the previous call's arrays (kept alive: ids stay unique)
         self._files = 0
 
     def append(self, feeds: dict) -> None:
-        call = {}
+        call, seen = {}, {}
         for name, value in feeds.items():
-            seen = self._request.get(id(value))
-            if seen is None:
+            hit = self._last.get(id(value)) or seen.get(id(value))
+            if hit is None:
                 file = f"{self._files:06d}.npy"
                 self._files += 1
                 np.save(self.directory / file, np.asarray(value), allow_pickle=False)
-                seen = self._request[id(value)] = (value, file)
-            call[name] = seen[1]
+                hit = (value, file)
+            seen[id(value)] = hit
+            call[name] = hit[1]
         self._calls.append(call)
+        self._last = seen
 
     def end_request(self) -> None:
-        self._request.clear()
+        self._last = {}
 
     def __len__(self) -> int:
         return len(self._calls)
