@@ -303,7 +303,9 @@ def quantize_stage(float_bundle: Path, raw: Path, recipe: Recipe, stage: str, wo
     from runtime.pipeline import Pipeline
 
     workdir = Path(workdir)
-    peaks: dict[str, float] = {}  # phase -> peak resident MiB, the memory held when it began included
+    # phase -> peak resident MiB, the memory held when it began included. Each phase resets the kernel's
+    # high-water mark, so the process's ru_maxrss (/usr/bin/time) then shows only the last phase's peak.
+    peaks: dict[str, float] = {}
 
     @contextlib.contextmanager
     def phase(name: str):
