@@ -44,7 +44,7 @@ def plan_chunks(sizes: dict[str, int], budget: int) -> list[list[str]]:
 
 
 class Exposer:
-    """``expose(feeds)`` yields ``{tensor: value}`` chunks covering ``tensors`` of the graph at ``model_path``.
+    """``expose(feeds)`` yields every one of ``tensors`` of the graph at ``model_path``, in chunked runs.
 
     The session's graph (the original plus the extra outputs) is written beside ``model_path``, so that
     external weight files resolve and the weights are held once, by ONNX Runtime."""
@@ -83,12 +83,17 @@ class Exposer:
         shapes = self._run(self._shapes, feeds)
         return {t: int(np.prod(s)) * self._itemsize[t] for t, s in zip(self.tensors, shapes)}
 
-    def __call__(self, feeds: dict) -> Iterator[dict[str, np.ndarray]]:
+    def __call__(self, feeds: dict) -> Iterator[tuple[str, np.ndarray]]:
+        """(tensor, value) pairs, a chunk's run at a time. Pairs, not chunks, so that a consumer's loop variable
+        keeps one tensor alive during the next run, not a whole chunk."""
         key = tuple((n, np.shape(feeds[n])) for n in self._inputs)
         if key not in self._plans:
             self._plans[key] = plan_chunks(self.sizes(feeds), self.budget)
         for chunk in self._plans[key]:
-            yield dict(zip(chunk, self._run(chunk, feeds)))
+            values = self._run(chunk, feeds)
+            for i, name in enumerate(chunk):
+                value, values[i] = values[i], None  # ours dropped: the consumer's is the last reference
+                yield name, value
 
     def _run(self, outputs: list[str], feeds: dict) -> list[np.ndarray]:
         self.runs += 1

@@ -140,10 +140,9 @@ def calibrate(prepared: Path, nodes: list[str], feeds: Sequence[dict], recipe: R
     if recipe.calibration == "minmax":
         lo, hi = {}, {}
         for f in feeds:
-            for chunk in expose(f):
-                for t, v in chunk.items():
-                    lo[t] = min(lo.get(t, np.inf), float(v.min()))
-                    hi[t] = max(hi.get(t, -np.inf), float(v.max()))
+            for t, v in expose(f):
+                lo[t] = min(lo.get(t, np.inf), float(v.min()))
+                hi[t] = max(hi.get(t, -np.inf), float(v.max()))
         data = {t: (np.float32(lo[t]), np.float32(hi[t])) for t in tensors}
     else:
         collector = HistogramCollector(method=recipe.calibration, symmetric=False,
@@ -151,8 +150,8 @@ def calibrate(prepared: Path, nodes: list[str], feeds: Sequence[dict], recipe: R
                                        num_quantized_bins=128, percentile=recipe.percentile, scenario="same")
         with contextlib.redirect_stdout(io.StringIO()):  # the collector prints per call
             for f in feeds:
-                for chunk in expose(f):
-                    collector.collect({t: [v] for t, v in chunk.items()})
+                for t, v in expose(f):
+                    collector.collect({t: [v]})
             data = collector.compute_collection_result()
     save_tensors_data(TensorsData(_method(recipe), data), cache)
 
@@ -220,11 +219,10 @@ def sensitivity(prepared: Path, ranges_cache: Path, nodes: list[str], feeds: Seq
     noise, signal = dict.fromkeys(acts, 0.0), dict.fromkeys(acts, 0.0)
     expose = Exposer(prepared, acts, budget, threads)
     for f in feeds:
-        for chunk in expose(f):
-            for a, x in chunk.items():
-                lo, hi = (float(v) for v in ranges[a].range_value)
-                noise[a] += float(np.sum(np.square(x - _fake_quant(x, lo, hi, recipe)), dtype=np.float64))
-                signal[a] += float(np.sum(np.square(x), dtype=np.float64))
+        for a, x in expose(f):
+            lo, hi = (float(v) for v in ranges[a].range_value)
+            noise[a] += float(np.sum(np.square(x - _fake_quant(x, lo, hi, recipe)), dtype=np.float64))
+            signal[a] += float(np.sum(np.square(x), dtype=np.float64))
     out = {}
     for n in nodes:
         node = by_name[n]
@@ -250,10 +248,9 @@ def _activation_absmax(prepared: Path, nodes: list[str], feeds: Sequence[dict], 
     expose = Exposer(prepared, sorted({by_name[n].input[0] for n in mm}), budget)
     amax: dict[str, np.ndarray] = {}
     for f in feeds:
-        for chunk in expose(f):
-            for a, v in chunk.items():
-                m = np.abs(v).reshape(-1, v.shape[-1]).max(axis=0)
-                amax[a] = m if a not in amax else np.maximum(amax[a], m)
+        for a, v in expose(f):
+            m = np.abs(v).reshape(-1, v.shape[-1]).max(axis=0)
+            amax[a] = m if a not in amax else np.maximum(amax[a], m)
     return {n: amax[by_name[n].input[0]] for n in mm}
 
 

@@ -213,15 +213,17 @@ def test_activations_fetched_in_chunks_equal_one_run_and_respect_the_budget(floa
     by_name = {n.name: n for n in onnx.load(str(tmp_path / "p.onnx")).graph.node}
     tensors = sorted({t for n in nodes for t in (by_name[n].input[0], by_name[n].output[0])})
     whole = Exposer(tmp_path / "p.onnx", tensors, budget=1 << 40)
-    one = list(whole(feeds[0]))
+    one = dict(whole(feeds[0]))
     sizes = whole.sizes(feeds[0])
-    assert len(one) == 1 and all(sizes[t] == v.nbytes for t, v in one[0].items())  # oracle: the arrays
+    assert whole.runs == 3  # the shape run, one run for every tensor, the shape run again (sizes())
+    assert one.keys() == set(tensors) and all(sizes[t] == v.nbytes for t, v in one.items())  # oracle: the arrays
     budget = sum(sizes.values()) // 5
     chunked = Exposer(tmp_path / "p.onnx", tensors, budget=budget)
-    chunks = list(chunked(feeds[0]))
-    assert len(chunks) >= 5 and all(sum(v.nbytes for v in c.values()) <= budget for c in chunks)
-    merged = {t: v for c in chunks for t, v in c.items()}
-    assert merged.keys() == one[0].keys() and all(np.array_equal(merged[t], one[0][t]) for t in merged)
+    merged = dict(chunked(feeds[0]))
+    chunks = plan_chunks(sizes, budget)
+    assert chunked.runs == 1 + len(chunks) and len(chunks) >= 5
+    assert all(sum(sizes[t] for t in c) <= budget for c in chunks)
+    assert merged.keys() == one.keys() and all(np.array_equal(merged[t], one[t]) for t in merged)
     # the ranges (and so the quantized model) do not depend on the chunking: identical files
     calibrate(tmp_path / "p.onnx", nodes, feeds, recipe, tmp_path / "whole.json", budget=1 << 40)
     calibrate(tmp_path / "p.onnx", nodes, feeds, recipe, tmp_path / "chunked.json", budget=budget)
