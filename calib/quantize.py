@@ -139,19 +139,17 @@ def calibrate(prepared: Path, nodes: list[str], feeds: Sequence[dict], recipe: R
     expose = Exposer(prepared, tensors, budget, threads)
     if recipe.calibration == "minmax":
         lo, hi = {}, {}
-        for f in feeds:
-            for t, v in expose(f):
-                lo[t] = min(lo.get(t, np.inf), float(v.min()))
-                hi[t] = max(hi.get(t, -np.inf), float(v.max()))
+        for t, v in expose(feeds):
+            lo[t] = min(lo.get(t, np.inf), float(v.min()))
+            hi[t] = max(hi.get(t, -np.inf), float(v.max()))
         data = {t: (np.float32(lo[t]), np.float32(hi[t])) for t in tensors}
     else:
         collector = HistogramCollector(method=recipe.calibration, symmetric=False,
                                        num_bins=2048 if recipe.calibration == "percentile" else 128,
                                        num_quantized_bins=128, percentile=recipe.percentile, scenario="same")
         with contextlib.redirect_stdout(io.StringIO()):  # the collector prints per call
-            for f in feeds:
-                for t, v in expose(f):
-                    collector.collect({t: [v]})
+            for t, v in expose(feeds):
+                collector.collect({t: [v]})
             data = collector.compute_collection_result()
     save_tensors_data(TensorsData(_method(recipe), data), cache)
 
@@ -218,11 +216,10 @@ def sensitivity(prepared: Path, ranges_cache: Path, nodes: list[str], feeds: Seq
     ranges = load_tensors_data(str(ranges_cache)).data
     noise, signal = dict.fromkeys(acts, 0.0), dict.fromkeys(acts, 0.0)
     expose = Exposer(prepared, acts, budget, threads)
-    for f in feeds:
-        for a, x in expose(f):
-            lo, hi = (float(v) for v in ranges[a].range_value)
-            noise[a] += float(np.sum(np.square(x - _fake_quant(x, lo, hi, recipe)), dtype=np.float64))
-            signal[a] += float(np.sum(np.square(x), dtype=np.float64))
+    for a, x in expose(feeds):
+        lo, hi = (float(v) for v in ranges[a].range_value)
+        noise[a] += float(np.sum(np.square(x - _fake_quant(x, lo, hi, recipe)), dtype=np.float64))
+        signal[a] += float(np.sum(np.square(x), dtype=np.float64))
     out = {}
     for n in nodes:
         node = by_name[n]
@@ -247,10 +244,9 @@ def _activation_absmax(prepared: Path, nodes: list[str], feeds: Sequence[dict], 
     mm = [n for n in nodes if by_name[n].op_type == "MatMul"]
     expose = Exposer(prepared, sorted({by_name[n].input[0] for n in mm}), budget)
     amax: dict[str, np.ndarray] = {}
-    for f in feeds:
-        for a, v in expose(f):
-            m = np.abs(v).reshape(-1, v.shape[-1]).max(axis=0)
-            amax[a] = m if a not in amax else np.maximum(amax[a], m)
+    for a, v in expose(feeds):
+        m = np.abs(v).reshape(-1, v.shape[-1]).max(axis=0)
+        amax[a] = m if a not in amax else np.maximum(amax[a], m)
     return {n: amax[by_name[n].input[0]] for n in mm}
 
 
