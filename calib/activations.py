@@ -84,7 +84,7 @@ class Exposer:
                     yield name, value
             del sess
 
-    def _session(self, outputs: list[str], shape_of: list[str] = ()):
+    def _session(self, outputs: list[str], shape_of: Sequence[str] = ()):
         """A session over the float graph whose only outputs are ``outputs``; with ``shape_of``, a ``Shape`` node
         for each of those tensors right after its producer (so that the tensor can be freed as the run goes
         on). Graph optimisation off, so that every tensor survives as the exporter named it."""

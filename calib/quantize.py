@@ -8,9 +8,9 @@ budget holds (or fail with the measured numbers).
     gates: per-stage cosine of the step's update on held-out feeds; mean PSNR of decoded frames vs float
 
 Memory: one stage at a time. Capture runs the float bundle's engines and writes each call's feeds to disk
-(`calib.capture.FeedStore`); calibration, sensitivity and SmoothQuant read one call at a time and fetch its
-activations in chunks of a quarter of the available memory (`calib.activations`); evaluation holds the float
-and the quantized copies of the quantized stage only.
+(`calib.capture.FeedStore`). Calibration, sensitivity and SmoothQuant read the calls one at a time, once per
+chunk of activations (`calib.activations`: at most a quarter of the available memory per chunk). Evaluation
+holds the float and the quantized copies of the quantized stage only.
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from benchmarks.timing import rss_phase
 from calib import capture as cap
 from calib.activations import Exposer
 from calib.graph import (external_data, fold_weight_transposes, integer_kernels, qdq_fp8, save_model, smooth,
                          weight_layers)
-from benchmarks.timing import rss_phase
 from calib.recipes import Recipe
 from mc_export.errors import BuildError
 
