@@ -11,15 +11,17 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from mc_export.export.onnx_export import TWO_GB
+
 # Layers with a weight: the quantizable ones. Attention's activation x activation MatMuls have no initializer.
 WEIGHT_OPS = ("MatMul", "Conv", "Gemm")
 # What ONNX Runtime's CPU provider runs integer GEMMs/convolutions with (after its QDQ fusions).
 INTEGER_OPS = ("MatMulInteger", "QLinearMatMul", "MatMulIntegerToFloat", "ConvInteger", "QLinearConv",
                "DynamicQuantizeMatMul", "QGemm")
 _TRANSPOSED = ".T"  # suffix of a folded `Transpose(W)` initializer
-# Weights past this go to `<file>.data` (protobuf caps one file at 2 GB, less a margin for the graph). A module
-# value, so that a test can send a tiny model down the full-size path.
-EXTERNAL_DATA_BYTES = 2**31 - 2**20
+# Weights past this go to `<file>.data`, as the exporter does. A module value, so that a test can send a tiny
+# model down the full-size path.
+EXTERNAL_DATA_BYTES = TWO_GB
 
 
 def external_data(path: Path) -> Path | None:
