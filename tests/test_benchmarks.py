@@ -279,3 +279,14 @@ def test_errors_exit_2_with_a_message(tmp_path, capsys):
         CompareConfig(backbone="sana", warmup=0).validate()
     with pytest.raises(BenchmarkError, match="unknown torch mode"):
         CompareConfig(backbone="sana", torch_modes=("jit",)).validate()
+
+
+def test_calib_memory_benchmark_runs_each_case_and_counts_exactly():
+    """The budgeted case gives every 64 KiB tensor its own session (two do not fit 0.1 MiB); the unbounded case
+    one session for all six. The memory figures are the benchmark's to report, not this test's."""
+    from benchmarks.calib_memory import run
+
+    result = run(rows=256, width=64, layers=6, budget_mib=0.1)
+    assert result["exposed_bytes"] == 256 * 64 * 4 * 6
+    assert (result["unbounded"]["chunk_sessions"], result["budgeted"]["chunk_sessions"]) == (1, 6)
+    assert result["unbounded"]["values"] == result["budgeted"]["values"] == 6
