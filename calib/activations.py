@@ -93,14 +93,16 @@ class Exposer:
         model = onnx.load(str(self.model_path), load_external_data=False)
         if shape_of:
             wanted = set(shape_of)
-            shape = [helper.make_node("Shape", [t], [f"{t}::shape"], name=f"{t}::shape") for t in shape_of
-                     if t in {i.name for i in model.graph.input}]
+
+            def shapes(names):
+                return [helper.make_node("Shape", [t], [f"{t}::shape"], name=f"{t}::shape") for t in names
+                        if t in wanted]
+
+            nodes = shapes(i.name for i in model.graph.input)
             for node in model.graph.node:
-                shape.append(node)
-                shape += [helper.make_node("Shape", [t], [f"{t}::shape"], name=f"{t}::shape")
-                          for t in node.output if t in wanted]
+                nodes += [node, *shapes(node.output)]
             del model.graph.node[:]
-            model.graph.node.extend(shape)
+            model.graph.node.extend(nodes)
         del model.graph.output[:]
         model.graph.output.extend(helper.make_empty_tensor_value_info(t) for t in outputs)
         path = self.model_path.with_name(self.model_path.stem + ".expose.onnx")
