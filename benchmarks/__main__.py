@@ -130,8 +130,8 @@ def _report(args) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mc_export.errors import MetaCanvasError
-    from runtime.errors import MetaCanvasRuntimeError
+    from metacanvas_deploy.mc_export.errors import MetaCanvasError
+    from metacanvas_deploy.runtime.errors import MetaCanvasRuntimeError
 
     args = _parser().parse_args(argv)
     try:

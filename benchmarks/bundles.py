@@ -15,7 +15,7 @@ def build_config(backbone: str | None, preset: str | None, checkpoint: Path | No
     """The `mc_export.build.BuildConfig` of the model a benchmark measures: a preset (seed 0, random canvas
     layers: the build's own defaults, so the bundle and the PyTorch model hold the same weights) or a
     checkpoint; no preset and no checkpoint means the `small` preset, the size benchmarks are meant for."""
-    from mc_export.build import BuildConfig
+    from metacanvas_deploy.mc_export.build import BuildConfig
 
     if backbone is None and checkpoint is None:
         raise BenchmarkError("give --backbone (with --preset) or --checkpoint DIR")
@@ -29,6 +29,6 @@ def build_config(backbone: str | None, preset: str | None, checkpoint: Path | No
 
 def cached_bundle(build_cfg, log=print) -> Path:
     """Build (or find up to date) the bundle of ``build_cfg`` in its cache folder and return its path."""
-    from mc_export.build import build
+    from metacanvas_deploy.mc_export.build import build
 
     return build(build_cfg, log=log)

@@ -36,12 +36,12 @@ def chain(path: Path, width: int, layers: int) -> list[str]:
 
 def _case(path: Path, layers: int, rows: int, width: int, budget: int) -> dict:
     """One case, in this process: the peak over the resident memory at its start."""
-    from benchmarks.timing import _status_kb, rss_phase
-    from calib.activations import Exposer
+    from metacanvas_deploy.calib.activations import Exposer
+    from metacanvas_deploy.runtime.memory import rss_phase, status_kb
 
     feeds = [{"x": np.ones((rows, width), np.float32)}]
     with rss_phase() as mem:
-        start = (_status_kb("VmRSS") or 0) / 1024.0
+        start = (status_kb("VmRSS") or 0) / 1024.0
         exposer = Exposer(path, [f"t{i}" for i in range(layers)], budget=budget, threads=1)
         values = sum(1 for _ in exposer(feeds))
     return {"budget_bytes": budget, "chunk_sessions": len(exposer.sessions) - 1, "values": values,

@@ -60,8 +60,8 @@ class CompareConfig:
 
 def _denoise_engine(bundle_dir: Path, threads: int):
     """(the runtime's denoise engine of a bundle, its manifest precision, its engine file)."""
-    from runtime.bundle import load_bundle
-    from runtime.engine import load_engine
+    from metacanvas_deploy.runtime.bundle import load_bundle
+    from metacanvas_deploy.runtime.engine import load_engine
 
     bundle = load_bundle(bundle_dir)
     entry = bundle.manifest.engines.get("denoise")
@@ -86,7 +86,7 @@ def _torch_candidate(module, inputs, output_names):
 
 def _accuracy(outputs: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> dict:
     """The worst output against the reference: {"output", "max_rel", "cosine"} (mc_export's parity metrics)."""
-    from mc_export.export.onnx_export import compare
+    from metacanvas_deploy.mc_export.export.onnx_export import compare
 
     rows = [compare("denoise", "compare", name, outputs[name], ref) for name, ref in reference.items()]
     worst = max(rows, key=lambda r: r.max_rel)
@@ -144,8 +144,8 @@ def run_compare(cfg: CompareConfig, log=print) -> dict:
     import torch
 
     from benchmarks.flops import count_flops
-    from mc_export.build import load_model, resolve_ranges
-    from mc_export.stages import plan_stages
+    from metacanvas_deploy.mc_export.build import load_model, resolve_ranges
+    from metacanvas_deploy.mc_export.stages import plan_stages
 
     cfg = cfg.validate()
     bcfg = build_config(cfg.backbone, cfg.preset, cfg.checkpoint, cfg.cache)

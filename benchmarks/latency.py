@@ -14,11 +14,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-
 from benchmarks.env import fingerprint
 from benchmarks.errors import BenchmarkError
-from benchmarks.timing import lifetime_peak_rss_mb, percentile, rss_phase, summarize
-from runtime.media import synthetic_media
+from benchmarks.timing import percentile, summarize
+from metacanvas_deploy.runtime.media import synthetic_media
+from metacanvas_deploy.runtime.memory import lifetime_peak_rss_mb, rss_phase
 
 DEFAULT_PROMPT = "a red fox running through snow at dawn, cinematic lighting"
 # Report labels of stages whose name alone would mislead.
@@ -100,7 +100,7 @@ def _overhead(samples: list[dict], steps: int) -> tuple[dict, dict]:
 
 def run_latency(cfg: LatencyConfig, log=print) -> dict:
     """Load the bundle, warm up, time ``cfg.runs`` requests. Returns the result JSON (kind "latency")."""
-    from runtime.pipeline import Pipeline
+    from metacanvas_deploy.runtime.pipeline import Pipeline
 
     cfg = cfg.validate()
     with rss_phase() as load_mem:

@@ -18,7 +18,7 @@ from benchmarks.env import fingerprint
 from benchmarks.errors import BenchmarkError
 from benchmarks.latency import DEFAULT_PROMPT
 from benchmarks.timing import run_alternating, summarize
-from runtime.media import synthetic_media
+from metacanvas_deploy.runtime.media import synthetic_media
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,7 @@ def step_feeds(pipe, task: str, height: int, width: int, num_frames: int) -> dic
 
 def run_sweep(cfg: SweepConfig, log=print) -> dict:
     """Time the denoise step at every `sweep_points` size. Returns the result JSON (kind "sweep")."""
-    from runtime.pipeline import Pipeline
+    from metacanvas_deploy.runtime.pipeline import Pipeline
 
     cfg = cfg.validate()
     bundle = cfg.bundle_dir(log)

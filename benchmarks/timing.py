@@ -1,17 +1,14 @@
-"""The timing core: warm-up then timed runs, percentiles, an alternating scheduler and phase-scoped peak RSS.
+"""The timing core: warm-up then timed runs, percentiles and an alternating scheduler (phase-scoped peak RSS is
+`metacanvas_deploy.runtime.memory`).
 
 numpy-free and torch-free on purpose: `latency` on a bundle needs the runtime's dependencies only.
 """
 
 from __future__ import annotations
 
-import resource
-import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 # Pause between two alternated calls. ONNX Runtime's and OpenMP's worker threads spin for a while after a call;
 # without the pause they would steal the next candidate's cores on a 2-core machine (not counted in timings).
@@ -80,58 +77,3 @@ def run_alternating(candidates: Mapping[str, Callable[[], object]], runs: int, w
         if timed[name].first_call_s is None:
             timed[name].first_call_s = seconds
     return timed
-
-
-# peak resident memory ---------------------------------------------------------------------------------------
-_CLEAR_REFS = Path("/proc/self/clear_refs")
-_STATUS = Path("/proc/self/status")
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's resident high-water mark (Linux: "5" > /proc/self/clear_refs). False where the
-    platform cannot, and the peak read afterwards is then the process lifetime's."""
-    try:
-        _CLEAR_REFS.write_text("5")
-    except OSError:
-        return False
-    return True
-
-
-def _status_kb(key: str) -> int | None:
-    try:
-        for line in _STATUS.read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _ru_maxrss_kb() -> int:
-    raw = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return raw // 1024 if sys.platform == "darwin" else raw  # bytes on macOS, KiB on Linux
-
-
-def peak_rss_mb() -> float:
-    """The resident high-water mark in MiB: VmHWM where /proc has it (resettable), else ru_maxrss (lifetime)."""
-    kb = _status_kb("VmHWM")
-    return (_ru_maxrss_kb() if kb is None else kb) / 1024.0
-
-
-def lifetime_peak_rss_mb() -> float:
-    """ru_maxrss: the process lifetime's peak in MiB (never reset; the phase peaks are the finer figure)."""
-    return _ru_maxrss_kb() / 1024.0
-
-
-@contextmanager
-def rss_phase() -> Iterator[dict]:
-    """Measure one phase's peak resident memory. Yields a dict that, on exit, holds ``peak_mb`` (the high-water
-    mark reached inside the phase, the memory held when it began included), ``end_mb`` (resident at exit, where
-    /proc tells) and ``scope``: "phase" when the kernel's high-water mark could be reset at entry, "process
-    lifetime" otherwise (then ``peak_mb`` may come from an earlier phase)."""
-    scoped = _reset_peak_rss()
-    record: dict = {}
-    yield record
-    end_kb = _status_kb("VmRSS")
-    record.update(peak_mb=peak_rss_mb(), end_mb=None if end_kb is None else end_kb / 1024.0,
-                  scope="phase" if scoped else "process lifetime")

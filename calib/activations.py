@@ -25,7 +25,7 @@ from onnx import helper
 
 def activation_budget() -> int:
     """Bytes of activations one chunk may hold: a quarter of the memory available now (floor 64 MiB)."""
-    from mc_export.models.lazy import memory_budget
+    from metacanvas_deploy.mc_export.models.lazy import memory_budget
 
     return max(64 << 20, memory_budget() // 2)
 

@@ -15,9 +15,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from calib.graph import external_data
-from calib.quantize import quantize_stage
-from calib.recipes import Recipe, default_recipe
+from metacanvas_deploy.calib.graph import external_data
+from metacanvas_deploy.calib.quantize import quantize_stage
+from metacanvas_deploy.calib.recipes import Recipe, default_recipe
 
 
 def float_bundle_path(cfg) -> Path:
@@ -36,10 +36,10 @@ def recipe_for(cfg, model) -> Recipe:
 
 def build_quantized(cfg, model, ranges, key: str, log) -> Path:
     """Build ``cfg.out`` at ``cfg.precision`` (int8 / fp8) from the float bundle at ``<out>-fp32``."""
-    from mc_export.build import build
-    from mc_export.export.onnx_export import export_component
-    from mc_export.stages import tensorrt_engine, plan_stages
-    from runtime.bundle import load_bundle, write_bundle
+    from metacanvas_deploy.mc_export.build import build
+    from metacanvas_deploy.mc_export.export.onnx_export import export_component
+    from metacanvas_deploy.mc_export.stages import plan_stages, tensorrt_engine
+    from metacanvas_deploy.runtime.bundle import load_bundle, write_bundle
 
     recipe = recipe_for(cfg, model)
     float_out = build(dataclasses.replace(cfg, precision="fp32", recipe=None, float_bundle=None,
@@ -48,7 +48,7 @@ def build_quantized(cfg, model, ranges, key: str, log) -> Path:
     components = plan_stages(model, ranges)
     missing = [s for s in recipe.stages if s not in components]
     if missing:
-        from mc_export.errors import ConfigError
+        from metacanvas_deploy.mc_export.errors import ConfigError
 
         raise ConfigError(f"recipe {recipe.name} quantizes {missing}, which a {model.cfg.backbone} bundle lacks")
     log(f"quantizing {', '.join(recipe.stages)} to {recipe.format} ({recipe.name}, {recipe.digest()[:12]})")
@@ -91,6 +91,6 @@ def build_quantized(cfg, model, ranges, key: str, log) -> Path:
 
 
 def _thawed(mapping) -> dict:
-    from runtime.manifest_fields import thaw
+    from metacanvas_deploy.runtime.manifest_fields import thaw
 
     return thaw(mapping)

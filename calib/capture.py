@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from calib.prompts import load_prompts
-from runtime.media import synthetic_media
+from metacanvas_deploy.calib.prompts import load_prompts
+from metacanvas_deploy.runtime.media import synthetic_media
 
 EDIT_TASKS = ("edit", "v2v")  # tasks whose prompt is an edit instruction
 

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from mc_export.export.onnx_export import TWO_GB
+from metacanvas_deploy.mc_export.export.onnx_export import TWO_GB
 
 # Layers with a weight: the quantizable ones. Attention's activation x activation MatMuls have no initializer.
 WEIGHT_OPS = ("MatMul", "Conv", "Gemm")

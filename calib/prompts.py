@@ -28,7 +28,7 @@ def load_prompts(kind: str, split: str) -> tuple[str, ...]:
 
 @functools.cache
 def _load() -> dict[str, dict[str, tuple[str, ...]]]:
-    text = resources.files("calib").joinpath(_RESOURCE).read_text(encoding="utf-8")
+    text = resources.files(__package__).joinpath(_RESOURCE).read_text(encoding="utf-8")
     return validate(json.loads(text))
 
 

@@ -25,13 +25,20 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from benchmarks.timing import rss_phase
-from calib import capture as cap
-from calib.activations import Exposer
-from calib.graph import (external_data, fold_weight_transposes, integer_kernels, qdq_fp8, save_model, smooth,
-                         weight_layers)
-from calib.recipes import Recipe
-from mc_export.errors import BuildError
+from metacanvas_deploy.calib import capture as cap
+from metacanvas_deploy.calib.activations import Exposer
+from metacanvas_deploy.calib.graph import (
+    external_data,
+    fold_weight_transposes,
+    integer_kernels,
+    qdq_fp8,
+    save_model,
+    smooth,
+    weight_layers,
+)
+from metacanvas_deploy.calib.recipes import Recipe
+from metacanvas_deploy.mc_export.errors import BuildError
+from metacanvas_deploy.runtime.memory import rss_phase
 
 
 @dataclass
@@ -270,7 +277,7 @@ def prepare(raw: Path, out: Path, recipe: Recipe, feeds: Sequence[dict]) -> tupl
 def evaluate(pipe, stage: str, candidate, held_feeds: Sequence[dict], held_reqs, float_frames, steps: int,
              threads: int | None) -> StageMetrics:
     """Swap ``candidate`` (an ORT model path) in for the bundle's ``stage`` engine and measure it."""
-    from runtime.engine import load_engine
+    from metacanvas_deploy.runtime.engine import load_engine
 
     float_engine = pipe.engines[stage]
     entry = dataclasses.replace(float_engine.entry, backend="onnxruntime", backend_version=ort_version())
@@ -292,8 +299,8 @@ def quantize_stage(float_bundle: Path, raw: Path, recipe: Recipe, stage: str, wo
     """The whole recipe for one stage: capture, calibrate, quantize, gate, fall back. Raises BuildError with the
     measured numbers when the budget cannot be met with every layer moved back. ``low_memory``: the float
     pipeline holds one stage's engine at a time (models larger than memory)."""
-    from mc_export.export.onnx_export import optimize_for_ort
-    from runtime.pipeline import Pipeline
+    from metacanvas_deploy.mc_export.export.onnx_export import optimize_for_ort
+    from metacanvas_deploy.runtime.pipeline import Pipeline
 
     workdir = Path(workdir)
     # phase -> peak resident MiB, the memory held when it began included. Each phase resets the kernel's

@@ -23,7 +23,7 @@ import json
 import re
 from dataclasses import dataclass
 
-from mc_export.errors import ConfigError
+from metacanvas_deploy.mc_export.errors import ConfigError
 
 FORMATS = ("int8", "fp8")
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
-from calib import capture as cap
-from calib.quantize import psnr, update_cosine
-from calib.recipes import Recipe
-from mc_export.errors import ConfigError
+from metacanvas_deploy.calib import capture as cap
+from metacanvas_deploy.calib.quantize import psnr, update_cosine
+from metacanvas_deploy.calib.recipes import Recipe
+from metacanvas_deploy.mc_export.errors import ConfigError
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -21,7 +21,7 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 def report(bundle: str | Path, float_bundle: str | Path | None = None, threads: int | None = None) -> list[str]:
     """Lines of a Markdown report. The float bundle defaults to the one the build recorded."""
-    from runtime.pipeline import Pipeline
+    from metacanvas_deploy.runtime.pipeline import Pipeline
 
     pipe = Pipeline.load(bundle, threads=threads)
     quant = pipe.manifest.build.get("quantization")

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from mc_export.components.ranges import BuildRanges, default_ranges
-from mc_export.errors import BuildError, ConfigError
-from runtime.errors import MetaCanvasRuntimeError
-from runtime.manifest import BUNDLE_FORMAT, SCHEMA_VERSION, Manifest
+from metacanvas_deploy.mc_export.components.ranges import BuildRanges, default_ranges
+from metacanvas_deploy.mc_export.errors import BuildError, ConfigError
+from metacanvas_deploy.runtime.errors import MetaCanvasRuntimeError
+from metacanvas_deploy.runtime.manifest import BUNDLE_FORMAT, SCHEMA_VERSION, Manifest
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
 QUANTIZED = ("int8", "fp8")  # precisions built by calibration (calib/)
@@ -102,7 +102,7 @@ def _tensorrt_usable() -> bool:
 
 def load_model(cfg: BuildConfig):
     """The PyTorch reference the bundle is compiled from."""
-    from mc_export.models.metacanvas import MetaCanvas
+    from metacanvas_deploy.mc_export.models.metacanvas import MetaCanvas
 
     if cfg.checkpoint is not None:
         model = MetaCanvas.from_pretrained(cfg.checkpoint, lazy=use_lazy_weights(cfg))
@@ -116,8 +116,8 @@ def load_model(cfg: BuildConfig):
 
 def use_lazy_weights(cfg: BuildConfig) -> bool:
     """Whether a checkpoint build keeps its weights on disk (see `BuildConfig.lazy_weights`)."""
-    from mc_export.models import checkpoint as ckpt
-    from mc_export.models.lazy import checkpoint_fp32_bytes, memory_budget
+    from metacanvas_deploy.mc_export.models import checkpoint as ckpt
+    from metacanvas_deploy.mc_export.models.lazy import checkpoint_fp32_bytes, memory_budget
 
     if cfg.checkpoint is None or cfg.lazy_weights == "off":
         return False
@@ -145,7 +145,7 @@ def tool_versions(target: str = "onnxruntime") -> dict[str, str]:
     import onnxruntime
     import transformers
 
-    from mc_export import __version__
+    from metacanvas_deploy.mc_export import __version__
 
     versions = {"mc_export": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
                 "diffusers": diffusers.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
@@ -161,8 +161,8 @@ def gpu_identity(cfg: BuildConfig) -> dict | None:
     Checks the precision against the GPU first: a clear error instead of a failure deep in the builder."""
     if cfg.target != "tensorrt":
         return None
-    from mc_export.tensorrt.precision import check_precision
-    from runtime.trt_engine import device_identity
+    from metacanvas_deploy.mc_export.tensorrt.precision import check_precision
+    from metacanvas_deploy.runtime.trt_engine import device_identity
 
     identity = device_identity()
     check_precision(cfg.precision, identity)
@@ -174,7 +174,7 @@ def cache_key(cfg: BuildConfig, model, ranges: BuildRanges, steps: int) -> str:
                "target": cfg.target, "ranges": ranges.to_json(), "steps": steps, "tools": tool_versions(cfg.target),
                "verify": cfg.verify, "schema": SCHEMA_VERSION, "device": gpu_identity(cfg)}
     if cfg.precision in QUANTIZED:
-        from calib.build import recipe_for
+        from metacanvas_deploy.calib.build import recipe_for
 
         payload["recipe"] = recipe_for(cfg, model).digest()
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
@@ -182,7 +182,7 @@ def cache_key(cfg: BuildConfig, model, ranges: BuildRanges, steps: int) -> str:
 
 def _cached(out: Path, key: str) -> bool:
     """An existing bundle with the same key that verifies (hashes included) is a cache hit."""
-    from runtime.bundle import load_bundle
+    from metacanvas_deploy.runtime.bundle import load_bundle
 
     if not (out / "manifest.json").is_file():
         return False
@@ -208,7 +208,7 @@ def resolve_ranges(model, overrides) -> BuildRanges:
 def build(cfg: BuildConfig, log=print) -> Path:
     """Build the bundle ``cfg.out`` and return its path. Raises MetaCanvasError subclasses on bad input and
     StageParityError when a stage misses its tolerance (nothing is written then)."""
-    from mc_export.stages import plan_stages, write_stages
+    from metacanvas_deploy.mc_export.stages import plan_stages, write_stages
 
     cfg = cfg.validate()
     gpu_identity(cfg)  # a precision this GPU cannot take fails here, before any export
@@ -222,7 +222,7 @@ def build(cfg: BuildConfig, log=print) -> Path:
         log(f"{out}: up to date (cache key {key[:12]}), nothing to build")
         return out
     if cfg.precision in QUANTIZED:
-        from calib.build import build_quantized
+        from metacanvas_deploy.calib.build import build_quantized
 
         build_quantized(cfg, model, ranges, key, log)
         log(f"wrote {out} in {time.perf_counter() - started:.0f} s")
@@ -236,7 +236,7 @@ def build(cfg: BuildConfig, log=print) -> Path:
         files.update(_write_tokenizer(model, tmp))
         return _manifest(cfg, model, ranges, steps, key, engines, files, gates)
 
-    from runtime.bundle import write_bundle
+    from metacanvas_deploy.runtime.bundle import write_bundle
 
     write_bundle(out, populate)
     log(f"wrote {out} in {time.perf_counter() - started:.0f} s")
@@ -250,8 +250,8 @@ def _write_tokenizer(model, tmp: Path) -> dict[str, str]:
 
 def _manifest(cfg: BuildConfig, model, ranges: BuildRanges, steps: int, key: str, engines, files,
               gates: dict[str, str]) -> Manifest:
-    from mc_export.components.common import scheduler_config as scheduler_config_of
-    from runtime.schedulers import make_plan
+    from metacanvas_deploy.mc_export.components.common import scheduler_config as scheduler_config_of
+    from metacanvas_deploy.runtime.schedulers import make_plan
 
     mc = model.cfg
     scheduler_config = scheduler_config_of(model.adapter)
@@ -295,9 +295,9 @@ def _source(cfg: BuildConfig) -> dict:
 def verify(bundle_dir: str | Path) -> list[str]:
     """Re-run every stage's parity gate: the bundle's engines against the PyTorch reference rebuilt from the
     manifest's recorded source. Returns the table's lines; raises StageParityError on a miss."""
-    from mc_export.export.onnx_export import TABLE_HEADER
-    from mc_export.stages import gate_stage, plan_stages
-    from runtime.bundle import load_bundle
+    from metacanvas_deploy.mc_export.export.onnx_export import TABLE_HEADER
+    from metacanvas_deploy.mc_export.stages import gate_stage, plan_stages
+    from metacanvas_deploy.runtime.bundle import load_bundle
 
     bundle = load_bundle(bundle_dir)
     m = bundle.manifest
@@ -327,8 +327,8 @@ def verify(bundle_dir: str | Path) -> list[str]:
         engine = bundle.engine_path(stage)
         tolerance = None
         if entry.backend == "tensorrt":
-            from mc_export.tensorrt.precision import GATE_TOLERANCE
-            from runtime.trt_engine import TrtEngine
+            from metacanvas_deploy.mc_export.tensorrt.precision import GATE_TOLERANCE
+            from metacanvas_deploy.runtime.trt_engine import TrtEngine
 
             engine, tolerance = TrtEngine(engine, entry), GATE_TOLERANCE.get(entry.precision)
         rows, skipped = gate_stage(comp, engine, weights, tolerance)

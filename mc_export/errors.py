@@ -44,7 +44,7 @@ def run_cli(call) -> int:
     anything else is a bug and keeps its traceback. Returns the exit code."""
     import sys
 
-    from runtime.errors import MetaCanvasRuntimeError
+    from metacanvas_deploy.runtime.errors import MetaCanvasRuntimeError
 
     try:
         call()

@@ -9,11 +9,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from mc_export.components.planner import PlannerComponent
-from mc_export.components.ranges import BuildRanges
-from mc_export.components.spec import Component
-from mc_export.components.vision import VisionComponent
-from mc_export.export.onnx_export import export_component, optimize_for_ort, parity_gate
+from metacanvas_deploy.mc_export.components.planner import PlannerComponent
+from metacanvas_deploy.mc_export.components.ranges import BuildRanges
+from metacanvas_deploy.mc_export.components.spec import Component
+from metacanvas_deploy.mc_export.components.vision import VisionComponent
+from metacanvas_deploy.mc_export.export.onnx_export import export_component, optimize_for_ort, parity_gate
 
 # Tasks whose planner sees images or video (vision encoder stage).
 _VISION_TASKS = {"edit", "i2v", "v2v", "r2v"}
@@ -21,8 +21,8 @@ _VISION_TASKS = {"edit", "i2v", "v2v", "r2v"}
 
 def scheduler_history(model) -> int:
     """K, the multistep history of the backbone's scheduler plan (0 for Euler)."""
-    from mc_export.components.common import scheduler_config
-    from runtime.schedulers import make_plan
+    from metacanvas_deploy.mc_export.components.common import scheduler_config
+    from metacanvas_deploy.runtime.schedulers import make_plan
 
     return make_plan(scheduler_config(model.adapter), 2, image_seq_len=256).history
 
@@ -34,7 +34,7 @@ def plan_stages(model, ranges: BuildRanges) -> dict[str, Component]:
     if _VISION_TASKS & set(model.cfg.tasks):
         stages["vision_encoder"] = VisionComponent(model, ranges)
     stages["planner"] = PlannerComponent(model, ranges)
-    backbone = importlib.import_module(f"mc_export.components.{model.cfg.backbone}")
+    backbone = importlib.import_module(f"metacanvas_deploy.mc_export.components.{model.cfg.backbone}")
     stages.update(backbone.stage_components(model, ranges, scheduler_history(model)))
     return stages
 
@@ -43,7 +43,7 @@ def gate_stage(comp: Component, engine, weights=None, tolerance=None) -> tuple[l
     """The stage's parity gate (raises StageParityError on a miss) for an ONNX file or an engine callable.
     With lazy ``weights``, the stage is loaded alone for the gate when it fits the memory budget; otherwise it
     is not gated. Returns (rows, why not gated): rows empty when skipped."""
-    from mc_export.models.lazy import fp32_bytes, materialized, memory_budget
+    from metacanvas_deploy.mc_export.models.lazy import fp32_bytes, materialized, memory_budget
 
     if weights is None:
         return parity_gate(comp, engine, tolerance=tolerance), ""
@@ -59,7 +59,7 @@ def gate_stage(comp: Component, engine, weights=None, tolerance=None) -> tuple[l
 def _place(raw: Path, final: Path, weights, comp: Component) -> None:
     """ORT's offline optimisation into the bundle, or (a lazy stage larger than the memory budget: ORT would
     hold all of it) the raw export moved as it is; ORT then optimises at load time."""
-    from mc_export.models.lazy import fp32_bytes, memory_budget
+    from metacanvas_deploy.mc_export.models.lazy import fp32_bytes, memory_budget
 
     if weights is not None and fp32_bytes(comp.module()) > memory_budget():
         for src in (raw, raw.with_name(raw.name + ".data")):
@@ -110,7 +110,7 @@ def _external(bundle_dir: Path, stage: str) -> tuple[str, ...]:
 
 
 def _tolerance(cfg):
-    from mc_export.tensorrt.precision import GATE_TOLERANCE
+    from metacanvas_deploy.mc_export.tensorrt.precision import GATE_TOLERANCE
 
     return GATE_TOLERANCE.get(cfg.precision) if cfg.target == "tensorrt" else None
 
@@ -120,8 +120,8 @@ def tensorrt_engine(comp: Component, raw: Path, bundle_dir: Path, cfg, log):
     into ``<stage>.plan``; returns (path, manifest entry with the GPU's identity)."""
     import tensorrt as trt
 
-    from mc_export.tensorrt.builder import BuildOptions, build_engine, timing_cache_path
-    from runtime.trt_engine import device_identity
+    from metacanvas_deploy.mc_export.tensorrt.builder import BuildOptions, build_engine, timing_cache_path
+    from metacanvas_deploy.runtime.trt_engine import device_identity
 
     plan = bundle_dir / f"{comp.spec.stage}.plan"
     options = BuildOptions(precision=cfg.precision, timing_cache=timing_cache_path(device_identity()))
@@ -130,6 +130,6 @@ def tensorrt_engine(comp: Component, raw: Path, bundle_dir: Path, cfg, log):
 
 
 def _trt_runner(plan: Path, entry):
-    from runtime.trt_engine import TrtEngine
+    from metacanvas_deploy.runtime.trt_engine import TrtEngine
 
     return TrtEngine(plan, entry)

@@ -31,12 +31,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
-from runtime.bundle_verify import (
-    backend_compatible, check_versions, hash_all, installed_backend_version, listed_files, read_manifest, sha256_file,
+from metacanvas_deploy.runtime.bundle_verify import (
+    backend_compatible,
+    check_versions,
+    hash_all,
+    installed_backend_version,
+    listed_files,
+    read_manifest,
+    sha256_file,
     verify_files,
 )
-from runtime.errors import BundleFileError, BundleWriteError
-from runtime.manifest import MANIFEST_NAME, Manifest
+from metacanvas_deploy.runtime.errors import BundleFileError, BundleWriteError
+from metacanvas_deploy.runtime.manifest import MANIFEST_NAME, Manifest
 
 __all__ = ["Bundle", "load_bundle", "load_manifest", "write_bundle", "sha256_file", "backend_compatible",
            "installed_backend_version"]

@@ -30,12 +30,16 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Mapping
 
-from runtime.errors import (
-    BackendVersionError, BundleFileError, BundleIntegrityError, BundleSecurityError, ManifestError,
+from metacanvas_deploy.runtime.errors import (
+    BackendVersionError,
+    BundleFileError,
+    BundleIntegrityError,
+    BundleSecurityError,
+    ManifestError,
     SchemaVersionError,
 )
-from runtime.manifest import MANIFEST_NAME, EngineEntry, Manifest, check_relative_path
-from runtime.onnx_external_data import MalformedOnnxError, external_data_refs
+from metacanvas_deploy.runtime.manifest import MANIFEST_NAME, EngineEntry, Manifest, check_relative_path
+from metacanvas_deploy.runtime.onnx_external_data import MalformedOnnxError, external_data_refs
 
 CHUNK_BYTES = 1 << 20
 MAX_MANIFEST_BYTES = 64 << 20  # precomputed scheduler plans are KBs; anything near this is not a manifest

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.errors import BundleError
-from runtime.manifest import EngineEntry
+from metacanvas_deploy.runtime.errors import BundleError
+from metacanvas_deploy.runtime.manifest import EngineEntry
 
 
 class OrtEngine:
@@ -52,7 +52,7 @@ class OrtEngine:
 
 def _open(path: Path, entry: EngineEntry, threads: int | None):
     if entry.backend == "tensorrt":
-        from runtime.trt_engine import TrtEngine
+        from metacanvas_deploy.runtime.trt_engine import TrtEngine
 
         return TrtEngine(path, entry)
     return OrtEngine(path, entry, threads)
@@ -76,7 +76,7 @@ class OnDemandEngine:
 
     def __init__(self, path: Path, entry: EngineEntry, threads: int | None = None):
         if entry.backend == "tensorrt":
-            from runtime.trt_engine import check_device, device_identity
+            from metacanvas_deploy.runtime.trt_engine import check_device, device_identity
 
             check_device(entry.device or {}, device_identity(), entry.precision)
         self.path, self.entry, self.threads = Path(path), entry, threads

@@ -19,12 +19,24 @@ from dataclasses import dataclass, field, fields, replace
 from types import MappingProxyType
 from typing import Any, Mapping
 
-from runtime.errors import SchemaVersionError, ShapeError
-from runtime.manifest_fields import (
-    SCHEMA_VERSION, SYMBOL, build_checked, check_int, check_keys, check_mapping, check_relative_path,
-    check_sequence, check_sha256, check_str, fail, freeze, is_int, thaw,
+from metacanvas_deploy.runtime.errors import SchemaVersionError, ShapeError
+from metacanvas_deploy.runtime.manifest_fields import (
+    SCHEMA_VERSION,
+    SYMBOL,
+    build_checked,
+    check_int,
+    check_keys,
+    check_mapping,
+    check_relative_path,
+    check_sequence,
+    check_sha256,
+    check_str,
+    fail,
+    freeze,
+    is_int,
+    thaw,
 )
-from runtime.tensor_spec import DTYPES, DimRange, TensorSpec, parse_ranges
+from metacanvas_deploy.runtime.tensor_spec import DTYPES, DimRange, TensorSpec, parse_ranges
 
 __all__ = ["SCHEMA_VERSION", "BUNDLE_FORMAT", "MANIFEST_NAME", "DTYPES", "BACKENDS", "PRECISIONS",
            "REQUEST_RANGES", "MULTIPLES", "DimRange", "TensorSpec", "EngineEntry", "Manifest", "check_relative_path"]

@@ -13,7 +13,7 @@ from dataclasses import fields
 from types import MappingProxyType
 from typing import Any, Mapping, Sequence
 
-from runtime.errors import BundleSecurityError, ManifestError
+from metacanvas_deploy.runtime.errors import BundleSecurityError, ManifestError
 
 SCHEMA_VERSION = 1
 SYMBOL = re.compile(r"[a-z_][a-z0-9_]*\Z")

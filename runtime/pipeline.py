@@ -19,16 +19,16 @@ from typing import Any
 
 import numpy as np
 
-from runtime.backbones.common import shape_of
-from runtime.bundle import Bundle, load_bundle
-from runtime.engine import load_engine
-from runtime.manifest_fields import thaw
-from runtime.errors import RuntimeInputError
-from runtime.schedulers import SchedulePlan, make_plan
-from runtime.text import PromptTokenizer, planner_position_ids
-from runtime.vision import VisionGeometry, preprocess_images, preprocess_video, video_tokens
-from runtime.vision_index import VisionGeometry as IndexGeometry
-from runtime.vision_index import vision_inputs
+from metacanvas_deploy.runtime.backbones.common import shape_of
+from metacanvas_deploy.runtime.bundle import Bundle, load_bundle
+from metacanvas_deploy.runtime.engine import load_engine
+from metacanvas_deploy.runtime.errors import RuntimeInputError
+from metacanvas_deploy.runtime.manifest_fields import thaw
+from metacanvas_deploy.runtime.schedulers import SchedulePlan, make_plan
+from metacanvas_deploy.runtime.text import PromptTokenizer, planner_position_ids
+from metacanvas_deploy.runtime.vision import VisionGeometry, preprocess_images, preprocess_video, video_tokens
+from metacanvas_deploy.runtime.vision_index import VisionGeometry as IndexGeometry
+from metacanvas_deploy.runtime.vision_index import vision_inputs
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ class Pipeline:
             self.geometry = VisionGeometry(grid=int(round(self.vision_tokens_per_image ** 0.5)),
                                            patch_size=geo["patch_size"], merge_size=geo["spatial_merge_size"],
                                            temporal_patch_size=geo["temporal_patch_size"])
-        self.host = importlib.import_module(f"runtime.backbones.{m.backbone}").Host(self)
+        self.host = importlib.import_module(f"metacanvas_deploy.runtime.backbones.{m.backbone}").Host(self)
 
     @classmethod
     def load(cls, bundle_dir: str | Path, threads: int | None = None, verify_hashes: bool = True,

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from runtime.errors import ManifestError, SchedulerConfigError, SchedulerStepError, ShapeError
+from metacanvas_deploy.runtime.errors import ManifestError, SchedulerConfigError, SchedulerStepError, ShapeError
 
 ROW_NEXT, ROW_LAST, ROW_M = 0, 1, 2  # rows of a step's coefficient matrix
 COL_X, COL_V, COL_LAST, COL_HISTORY = 0, 1, 2, 3  # columns; history m_{i-1-j} sits in column COL_HISTORY + j

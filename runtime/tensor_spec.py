@@ -12,9 +12,17 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Mapping, Sequence
 
-from runtime.errors import ShapeError
-from runtime.manifest_fields import (
-    SYMBOL, build_checked, check_int, check_keys, check_mapping, check_sequence, check_str, fail, is_int,
+from metacanvas_deploy.runtime.errors import ShapeError
+from metacanvas_deploy.runtime.manifest_fields import (
+    SYMBOL,
+    build_checked,
+    check_int,
+    check_keys,
+    check_mapping,
+    check_sequence,
+    check_str,
+    fail,
+    is_int,
 )
 
 DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "uint8", "bool")  # = numpy dtype names

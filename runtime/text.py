@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
-from runtime.errors import BundleError, RuntimeInputError
+from metacanvas_deploy.runtime.errors import BundleError, RuntimeInputError
 
 SYSTEM_PROMPT = "You are a helpful assistant."
 PAD_TOKEN = "<|endoftext|>"

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.errors import BundleError, CudaError, ShapeError
-from runtime.manifest import EngineEntry
+from metacanvas_deploy.runtime.errors import BundleError, CudaError, ShapeError
+from metacanvas_deploy.runtime.manifest import EngineEntry
 
 REBUILD = "python -m mc_export build ... --target tensorrt"
 _KEEP_SIGNATURES = 4  # input-shape signatures whose device buffers stay allocated

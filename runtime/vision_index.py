@@ -28,7 +28,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from runtime.errors import ShapeError
+from metacanvas_deploy.runtime.errors import ShapeError
 
 # Input names of the exported vision graph, in order; `pixel_values` comes from runtime.vision.
 VISION_INPUT_NAMES = ("pixel_values", "rotary_cos", "rotary_sin", "window_index", "reverse_index",

@@ -30,7 +30,7 @@ class _Bundles(dict):
         self.root = root
 
     def __missing__(self, backbone: str):
-        from mc_export.build import BuildConfig, build
+        from metacanvas_deploy.mc_export.build import BuildConfig, build
 
         self[backbone] = build(BuildConfig(out=self.root / backbone, backbone=backbone, steps=self.STEPS),
                                log=lambda *a: None)

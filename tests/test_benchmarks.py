@@ -21,7 +21,8 @@ from benchmarks.peak import gemm_model
 from benchmarks.profile import aggregate_profile, profile_engine, top_ops
 from benchmarks.report import TARGETS, Verdict, render, verdicts
 from benchmarks.sweep import sweep_points
-from benchmarks.timing import alternating_order, percentile, rss_phase, run_alternating, summarize
+from benchmarks.timing import alternating_order, percentile, run_alternating, summarize
+from metacanvas_deploy.runtime.memory import rss_phase
 
 REPO = Path(__file__).resolve().parent.parent
 

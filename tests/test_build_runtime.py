@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 import torch
 
-from mc_export.build import BuildConfig, build
-from mc_export.errors import BuildError
-from mc_export.models.metacanvas import MetaCanvas
-from runtime.errors import BundleIntegrityError, RuntimeInputError, ShapeError
-from runtime.pipeline import Pipeline
+from metacanvas_deploy.mc_export.build import BuildConfig, build
+from metacanvas_deploy.mc_export.errors import BuildError
+from metacanvas_deploy.mc_export.models.metacanvas import MetaCanvas
+from metacanvas_deploy.runtime.errors import BundleIntegrityError, RuntimeInputError, ShapeError
+from metacanvas_deploy.runtime.pipeline import Pipeline
 
 STEPS = 3
 IMG = (np.random.RandomState(0).rand(64, 64, 3) * 255).astype(np.uint8)
@@ -51,7 +51,7 @@ def reference_latents(backbone: str, runtime_latents: np.ndarray) -> torch.Tenso
     """The runtime's initial sample in the reference adapter's layout (FLUX packs its latents)."""
     x = torch.from_numpy(runtime_latents)
     if backbone == "flux":
-        from mc_export.models.backbones.flux import pack_latents
+        from metacanvas_deploy.mc_export.models.backbones.flux import pack_latents
 
         return pack_latents(x)
     return x
@@ -69,7 +69,7 @@ def test_runtime_matches_the_pytorch_reference(bundles, references, backbone, ta
     ref = model.generate(task, "a red fox in the snow", latents=reference_latents(backbone, noise), **kw)
     ref_latents = ref.latents.numpy()
     if backbone == "flux":
-        from mc_export.models.backbones.flux import unpack_latents
+        from metacanvas_deploy.mc_export.models.backbones.flux import unpack_latents
 
         _, h_tok, w_tok = model.adapter.token_grid(d.height, d.width, 1)
         ref_latents = unpack_latents(ref.latents, h_tok, w_tok).numpy()
@@ -98,7 +98,7 @@ def test_identical_rebuild_is_a_cache_hit(bundles):
 
 
 def test_a_build_that_fails_midway_leaves_the_old_bundle(bundles, monkeypatch, tmp_path):
-    import mc_export.stages as stages
+    import metacanvas_deploy.mc_export.stages as stages
 
     existing = bundles["sana"]  # built before the exporter is broken
 
@@ -158,11 +158,12 @@ def test_runtime_works_with_torch_transformers_and_diffusers_unimportable(bundle
         import sys
         class Block:
             def find_spec(self, name, path=None, target=None):
-                if name.split('.')[0] in ('torch', 'transformers', 'diffusers', 'mc_export', 'onnx'):
+                if name.split('.')[0] in ('torch', 'transformers', 'diffusers', 'onnx') or \
+                        name.startswith(('metacanvas_deploy.mc_export', 'metacanvas_deploy.calib')):
                     raise ImportError('blocked: ' + name)
         sys.meta_path.insert(0, Block())
-        from runtime.pipeline import Pipeline
-        from runtime.media import write_media
+        from metacanvas_deploy.runtime.pipeline import Pipeline
+        from metacanvas_deploy.runtime.media import write_media
         out = Pipeline.load({str(bundles['sana'])!r})('a fox', num_inference_steps=2)
         write_media({str(tmp_path / 'fox.png')!r}, out.frames)
         print('ok', out.frames.shape)
@@ -174,7 +175,7 @@ def test_runtime_works_with_torch_transformers_and_diffusers_unimportable(bundle
 
 
 def test_cli_build_and_generate(bundles, tmp_path):
-    from runtime.__main__ import main as runtime_main
+    from metacanvas_deploy.runtime.__main__ import main as runtime_main
 
     assert runtime_main(["generate", "--bundle", str(bundles["wan"]), "--prompt", "a fox", "--steps", "2",
                          "--out", str(tmp_path / "fox.mp4")]) == 0
@@ -186,7 +187,7 @@ def test_cli_build_and_generate(bundles, tmp_path):
 
 
 def test_verify_reruns_every_gate(bundles, capsys):
-    from mc_export.__main__ import main
+    from metacanvas_deploy.mc_export.__main__ import main
 
     assert main(["verify", "--bundle", str(bundles["sana"])]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -196,7 +197,7 @@ def test_verify_reruns_every_gate(bundles, capsys):
 
 def test_a_checkpoint_builds_the_same_bundle_key_as_its_preset(tmp_path, references):
     """`--checkpoint DIR` loads the weights `init-checkpoint` wrote: the content key sees the same weights."""
-    from mc_export.build import load_model, weights_hash
+    from metacanvas_deploy.mc_export.build import load_model, weights_hash
 
     references["sana"].save_pretrained(tmp_path / "ckpt")
     from_ckpt = load_model(BuildConfig(out=tmp_path / "b", checkpoint=tmp_path / "ckpt").validate(False))
@@ -209,7 +210,7 @@ def test_a_checkpoint_builds_the_same_bundle_key_as_its_preset(tmp_path, referen
 def test_low_memory_mode_holds_one_stage_at_a_time_and_generates_the_same(bundles, monkeypatch):
     """`low_memory=True` opens each engine when its stage runs and frees it after: at every open, no other
     engine is resident. Same sessions, same inputs: the frames are identical to the ordinary pipeline's."""
-    import runtime.engine as engine_mod
+    import metacanvas_deploy.runtime.engine as engine_mod
 
     image = (np.random.RandomState(5).rand(64, 64, 3) * 255).astype(np.uint8)
     ref = Pipeline.load(bundles["flux"], threads=1)(prompt="make it red", image=image, seed=3)

@@ -22,13 +22,19 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnx.external_data_helper import set_external_data
 
-from runtime.bundle import backend_compatible, load_bundle, load_manifest, sha256_file, write_bundle
-from runtime.errors import (
-    BackendVersionError, BundleFileError, BundleIntegrityError, BundleSecurityError, BundleWriteError,
-    ManifestError, SchemaVersionError, ShapeError,
+from metacanvas_deploy.runtime.bundle import backend_compatible, load_bundle, load_manifest, sha256_file, write_bundle
+from metacanvas_deploy.runtime.errors import (
+    BackendVersionError,
+    BundleFileError,
+    BundleIntegrityError,
+    BundleSecurityError,
+    BundleWriteError,
+    ManifestError,
+    SchemaVersionError,
+    ShapeError,
 )
-from runtime.manifest import DimRange, EngineEntry, Manifest, TensorSpec
-from runtime.onnx_external_data import MalformedOnnxError, external_data_refs
+from metacanvas_deploy.runtime.manifest import DimRange, EngineEntry, Manifest, TensorSpec
+from metacanvas_deploy.runtime.onnx_external_data import MalformedOnnxError, external_data_refs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -576,9 +582,9 @@ def test_concurrent_write_to_same_out_is_refused(tmp_path: Path):
 
 
 def test_verifying_a_bundle_needs_no_onnx_torch_or_compiler(bundle: Path):
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); from runtime.bundle import load_bundle\n"
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from metacanvas_deploy.runtime.bundle import load_bundle\n"
             "load_bundle(sys.argv[2])\n"
-            "print(sorted(m for m in ('onnx', 'torch', 'transformers', 'diffusers', 'mc_export') if m in sys.modules))")
+            "print(sorted(m for m in ('onnx', 'torch', 'transformers', 'diffusers', 'metacanvas_deploy.mc_export') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code, str(REPO), str(bundle)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"

@@ -20,19 +20,19 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-import calib.graph
-from calib import capture as cap
-from calib.activations import Exposer, plan_chunks
-from calib.graph import fold_weight_transposes, integer_kernels, qdq_fp8, smooth, weight_layers
-from calib.quantize import calibrate, prepare, psnr, quantize_stage, sensitivity
-from calib.recipes import Budget, Recipe, default_recipe
-from mc_export.build import BuildConfig, build, resolve_ranges
-from mc_export.errors import BuildError, ConfigError
-from mc_export.export.onnx_export import export_component
-from mc_export.models.metacanvas import MetaCanvas
-from mc_export.stages import plan_stages
-from runtime.media import synthetic_media
-from runtime.pipeline import Pipeline
+from metacanvas_deploy.calib import capture as cap
+from metacanvas_deploy.calib import graph as calib_graph
+from metacanvas_deploy.calib.activations import Exposer, plan_chunks
+from metacanvas_deploy.calib.graph import fold_weight_transposes, integer_kernels, qdq_fp8, smooth, weight_layers
+from metacanvas_deploy.calib.quantize import calibrate, prepare, psnr, quantize_stage, sensitivity
+from metacanvas_deploy.calib.recipes import Budget, Recipe, default_recipe
+from metacanvas_deploy.mc_export.build import BuildConfig, build, resolve_ranges
+from metacanvas_deploy.mc_export.errors import BuildError, ConfigError
+from metacanvas_deploy.mc_export.export.onnx_export import export_component
+from metacanvas_deploy.mc_export.models.metacanvas import MetaCanvas
+from metacanvas_deploy.mc_export.stages import plan_stages
+from metacanvas_deploy.runtime.media import synthetic_media
+from metacanvas_deploy.runtime.pipeline import Pipeline
 
 QUICK = dict(calibration_prompts=4, calibration_steps=3, held_out_prompts=2, held_out_seeds=(1000,),
              evaluation_steps=3)
@@ -214,9 +214,9 @@ def _by_tensor(pairs) -> dict[str, list[np.ndarray]]:
 def test_activations_fetched_in_chunks_equal_one_run_and_respect_the_budget(float_bundle, raw_denoise, feeds,
                                                                             tmp_path, monkeypatch):
     recipe = Recipe(name="t", format="int8", **QUICK)
-    monkeypatch.setattr(calib.graph, "EXTERNAL_DATA_BYTES", 0)  # and the weights read from .data, as at full size
+    monkeypatch.setattr(calib_graph, "EXTERNAL_DATA_BYTES", 0)  # and the weights read from .data, as at full size
     layers, nodes = prepare(raw_denoise, tmp_path / "p.onnx", recipe, feeds)
-    assert calib.graph.external_data(tmp_path / "p.onnx") is not None
+    assert calib_graph.external_data(tmp_path / "p.onnx") is not None
     by_name = {n.name: n for n in onnx.load(str(tmp_path / "p.onnx")).graph.node}
     tensors = sorted({t for n in nodes for t in (by_name[n].input[0], by_name[n].output[0])})
     sizes = Exposer(tmp_path / "p.onnx", tensors).sizes(feeds[:2])
@@ -271,7 +271,7 @@ def test_sensitivity_ranks_the_layer_with_an_outlier_input_first(tmp_path):
 def test_a_quantized_denoise_stage_meets_the_budget(float_bundle, raw_denoise, tmp_path, fmt, monkeypatch):
     recipe = dataclasses.replace(default_recipe("sana", fmt), **QUICK)
     if fmt == "fp8":  # and through the full-size file layout (weights in .data), as TensorRT would parse it
-        monkeypatch.setattr(calib.graph, "EXTERNAL_DATA_BYTES", 0)
+        monkeypatch.setattr(calib_graph, "EXTERNAL_DATA_BYTES", 0)
     q = quantize_stage(float_bundle, raw_denoise, recipe, "denoise", tmp_path, threads=1,
                        log=lambda *a: None)
     assert q.metrics.passes(recipe) and q.fallback == []
@@ -284,7 +284,7 @@ def test_a_quantized_denoise_stage_meets_the_budget(float_bundle, raw_denoise, t
         assert sum(kernels.values()) >= 0.8 * len(q.quantized), kernels
     else:
         assert any(t.data_type == TensorProto.FLOAT8E4M3FN for t in qdq.graph.initializer)
-        assert calib.graph.external_data(q.qdq_path) is not None
+        assert calib_graph.external_data(q.qdq_path) is not None
 
 
 def test_the_fallback_loop_moves_the_most_sensitive_layers_and_fails_with_numbers(float_bundle, raw_denoise,
@@ -307,7 +307,7 @@ def int8_bundle(float_bundle, tmp_path_factory):
     shutil.copytree(float_bundle, root / "sana-fp32")  # the float bundle the build expects at <out>-fp32
     recipe = dataclasses.replace(default_recipe("sana", "int8"), **QUICK)
     with pytest.MonkeyPatch.context() as mp:  # the full-size file layout: every quantized graph's weights in .data
-        mp.setattr(calib.graph, "EXTERNAL_DATA_BYTES", 0)
+        mp.setattr(calib_graph, "EXTERNAL_DATA_BYTES", 0)
         return build(BuildConfig(out=root / "sana", backbone="sana", precision="int8", steps=3, recipe=recipe),
                      log=lambda *a: None), recipe
 
@@ -329,7 +329,7 @@ def test_an_int8_bundle_records_its_recipe_and_runs_on_integer_kernels(int8_bund
 
 
 def test_calib_report_measures_the_bundle_against_its_float_bundle(int8_bundle, capsys):
-    from calib.__main__ import main
+    from metacanvas_deploy.calib.__main__ import main
 
     assert main(["report", "--bundle", str(int8_bundle[0])]) == 0
     out = capsys.readouterr().out

@@ -8,7 +8,7 @@ from importlib import resources
 
 import pytest
 
-from calib.prompts import KINDS, SPLITS, load_prompts, validate
+from metacanvas_deploy.calib.prompts import KINDS, SPLITS, load_prompts, validate
 
 MIN_COUNTS = {("generation", "calibration"): 128, ("generation", "held_out"): 32,
               ("edit", "calibration"): 32, ("edit", "held_out"): 16}

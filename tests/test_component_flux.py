@@ -24,15 +24,15 @@ import PIL.Image
 import pytest
 import torch
 
-from mc_export.components.flux import FluxDenoise, FluxVaeDecoder, FluxVaeEncoder
-from mc_export.components.ranges import default_ranges
-from mc_export.errors import ConfigError
-from mc_export.export.onnx_export import check_graph, compare, parity_gate
-from mc_export.models.backbones.common import image_to_tensor, prepare_canvas
-from mc_export.models.backbones.flux import pack_latents, unpack_latents
-from mc_export.models.metacanvas import MetaCanvas
-from runtime.bundle import load_bundle
-from runtime.schedulers import make_plan
+from metacanvas_deploy.mc_export.components.flux import FluxDenoise, FluxVaeDecoder, FluxVaeEncoder
+from metacanvas_deploy.mc_export.components.ranges import default_ranges
+from metacanvas_deploy.mc_export.errors import ConfigError
+from metacanvas_deploy.mc_export.export.onnx_export import check_graph, compare, parity_gate
+from metacanvas_deploy.mc_export.models.backbones.common import image_to_tensor, prepare_canvas
+from metacanvas_deploy.mc_export.models.backbones.flux import pack_latents, unpack_latents
+from metacanvas_deploy.mc_export.models.metacanvas import MetaCanvas
+from metacanvas_deploy.runtime.bundle import load_bundle
+from metacanvas_deploy.runtime.schedulers import make_plan
 
 H, W, H_TOK, W_TOK, STEPS, GUIDANCE = 64, 64, 4, 4, 4, 2.5
 LOOP_MAX_REL, LOOP_MIN_COSINE = 1e-4, 0.99999

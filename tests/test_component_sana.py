@@ -27,14 +27,20 @@ import torch
 from diffusers import UniPCMultistepScheduler
 from onnx import numpy_helper
 
-from mc_export.components.ranges import default_ranges
-from mc_export.components.sana import SanaDenoise, SanaVaeDecoder, SanaVaeEncoder
-from mc_export.errors import ConfigError
-from mc_export.export.onnx_export import check_graph, compare, export_component, optimize_for_ort, parity_gate
-from mc_export.models.backbones.common import image_to_tensor, prepare_canvas
-from mc_export.models.metacanvas import MetaCanvas
-from runtime.bundle import load_bundle
-from runtime.schedulers import make_plan
+from metacanvas_deploy.mc_export.components.ranges import default_ranges
+from metacanvas_deploy.mc_export.components.sana import SanaDenoise, SanaVaeDecoder, SanaVaeEncoder
+from metacanvas_deploy.mc_export.errors import ConfigError
+from metacanvas_deploy.mc_export.export.onnx_export import (
+    check_graph,
+    compare,
+    export_component,
+    optimize_for_ort,
+    parity_gate,
+)
+from metacanvas_deploy.mc_export.models.backbones.common import image_to_tensor, prepare_canvas
+from metacanvas_deploy.mc_export.models.metacanvas import MetaCanvas
+from metacanvas_deploy.runtime.bundle import load_bundle
+from metacanvas_deploy.runtime.schedulers import make_plan
 
 H, W, TOK, STEPS, GUIDANCE = 64, 64, 16, 4, 4.5
 LOOP_MAX_REL, LOOP_MIN_COSINE = 1e-4, 0.99999

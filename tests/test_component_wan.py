@@ -17,15 +17,15 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from mc_export.components.ranges import default_ranges
-from mc_export.components.wan import WanDenoise
-from mc_export.errors import ConfigError, ExportError
-from mc_export.export.onnx_export import check_graph, compare, export_component, parity_gate
-from mc_export.export.patches import wan_rope_without_scatter
-from mc_export.models.backbones.common import cfg_concat, prepare_canvas
-from mc_export.models.metacanvas import MetaCanvas
-from runtime.bundle import load_bundle
-from runtime.schedulers import make_plan
+from metacanvas_deploy.mc_export.components.ranges import default_ranges
+from metacanvas_deploy.mc_export.components.wan import WanDenoise
+from metacanvas_deploy.mc_export.errors import ConfigError, ExportError
+from metacanvas_deploy.mc_export.export.onnx_export import check_graph, compare, export_component, parity_gate
+from metacanvas_deploy.mc_export.export.patches import wan_rope_without_scatter
+from metacanvas_deploy.mc_export.models.backbones.common import cfg_concat, prepare_canvas
+from metacanvas_deploy.mc_export.models.metacanvas import MetaCanvas
+from metacanvas_deploy.runtime.bundle import load_bundle
+from metacanvas_deploy.runtime.schedulers import make_plan
 
 H, W, F, STEPS = 64, 96, 5, 4
 PROMPT, NEGATIVE = "a red fox runs through fresh snow", ""
@@ -234,7 +234,7 @@ def test_rope_patch_removes_scatter(onnx_path):
     it); patched, none is left (the bundle's whole step graph, exported with it)."""
     from diffusers.models.transformers.transformer_wan import WanAttention, WanAttnProcessor, WanRotaryPosEmbed
 
-    from mc_export.export.onnx_export import _quiet
+    from metacanvas_deploy.mc_export.export.onnx_export import _quiet
 
     class Attention(torch.nn.Module):
         def __init__(self):

@@ -14,11 +14,16 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxTransformer2DModel
 
-from mc_export.errors import ConfigError, InputError, TaskError
-from mc_export.models.backbones.base import Conditioning
-from mc_export.models.backbones.flux import FluxKontextAdapter, image_ids, pack_latents, unpack_latents
-from mc_export.models.connectors import CanvasInjector, CanvasPrep, randomize_zero_layers
-from mc_export.models.presets import get_preset
+from metacanvas_deploy.mc_export.errors import ConfigError, InputError, TaskError
+from metacanvas_deploy.mc_export.models.backbones.base import Conditioning
+from metacanvas_deploy.mc_export.models.backbones.flux import (
+    FluxKontextAdapter,
+    image_ids,
+    pack_latents,
+    unpack_latents,
+)
+from metacanvas_deploy.mc_export.models.connectors import CanvasInjector, CanvasPrep, randomize_zero_layers
+from metacanvas_deploy.mc_export.models.presets import get_preset
 
 H, W, STEPS, GUIDANCE = 64, 64, 3, 2.5
 # True CFG: the adapter batches [negative, positive] in one DiT call, the pipeline makes two calls. Same math;

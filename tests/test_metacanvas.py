@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from mc_export.__main__ import main
-from mc_export.errors import CheckpointError, ConfigError, InputError, TaskError
-from mc_export.models.metacanvas import MetaCanvas
-from mc_export.models.presets import get_preset
+from metacanvas_deploy.mc_export.__main__ import main
+from metacanvas_deploy.mc_export.errors import CheckpointError, ConfigError, InputError, TaskError
+from metacanvas_deploy.mc_export.models.metacanvas import MetaCanvas
+from metacanvas_deploy.mc_export.models.presets import get_preset
 
 IMG = (np.random.RandomState(0).rand(48, 40, 3) * 255).astype(np.uint8)
 TASKS = {"t2i": "sana", "edit": "flux", "t2v": "wan", "i2v": "wan", "v2v": "wan", "r2v": "wan"}
@@ -100,7 +100,7 @@ def _stock_pipeline(backbone: str, ckpt):
     """The diffusers pipeline built from the checkpoint's own folders (no text encoder: embeddings are given)."""
     import diffusers
 
-    from mc_export.models.checkpoint import diffusers_classes
+    from metacanvas_deploy.mc_export.models.checkpoint import diffusers_classes
 
     t_cls, v_cls = diffusers_classes(backbone)
     parts = dict(transformer=t_cls.from_pretrained(ckpt / "transformer"), vae=v_cls.from_pretrained(ckpt / "vae"))

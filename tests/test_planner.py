@@ -15,14 +15,14 @@ import numpy as np
 import pytest
 import torch
 
-from mc_export.errors import CheckpointError, ConfigError, InputError
-from mc_export.models.lora import LoRALinear, lora_modules, unwrap_lora
-from mc_export.models.planner import Planner, planner_attention_mask, random_planner
-from mc_export.models.presets import get_preset
-from mc_export.models.tokenizer import save_tokenizer
-from runtime.errors import RuntimeInputError
-from runtime.text import PromptTokenizer, planner_position_ids
-from runtime.vision import VisionGeometry, preprocess_images, preprocess_video, video_tokens
+from metacanvas_deploy.mc_export.errors import CheckpointError, ConfigError, InputError
+from metacanvas_deploy.mc_export.models.lora import LoRALinear, lora_modules, unwrap_lora
+from metacanvas_deploy.mc_export.models.planner import Planner, planner_attention_mask, random_planner
+from metacanvas_deploy.mc_export.models.presets import get_preset
+from metacanvas_deploy.mc_export.models.tokenizer import save_tokenizer
+from metacanvas_deploy.runtime.errors import RuntimeInputError
+from metacanvas_deploy.runtime.text import PromptTokenizer, planner_position_ids
+from metacanvas_deploy.runtime.vision import VisionGeometry, preprocess_images, preprocess_video, video_tokens
 
 ATOL = 1e-5  # see the module docstring
 WAN, SANA = get_preset("wan", "tiny"), get_preset("sana", "tiny")  # video canvas 2x2x2, image canvas 4x4

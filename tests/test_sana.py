@@ -14,11 +14,11 @@ import pytest
 import torch
 from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaPipeline, SanaTransformer2DModel
 
-from mc_export.errors import ConfigError, InputError, TaskError
-from mc_export.models.backbones.base import Conditioning
-from mc_export.models.backbones.sana import SanaAdapter
-from mc_export.models.connectors import CanvasInjector, CanvasPrep, randomize_zero_layers
-from mc_export.models.presets import get_preset
+from metacanvas_deploy.mc_export.errors import ConfigError, InputError, TaskError
+from metacanvas_deploy.mc_export.models.backbones.base import Conditioning
+from metacanvas_deploy.mc_export.models.backbones.sana import SanaAdapter
+from metacanvas_deploy.mc_export.models.connectors import CanvasInjector, CanvasPrep, randomize_zero_layers
+from metacanvas_deploy.mc_export.models.presets import get_preset
 
 H, W, STEPS, GUIDANCE = 64, 64, 3, 4.5
 # Every comparison with the pipeline is exact (torch.equal): SanaPipeline batches [negative, positive] in one

@@ -27,9 +27,9 @@ from diffusers.pipelines.flux.pipeline_flux_kontext import calculate_shift as fl
 from diffusers.pipelines.flux.pipeline_flux_kontext import retrieve_timesteps as flux_retrieve_timesteps
 from diffusers.pipelines.sana.pipeline_sana import retrieve_timesteps as sana_retrieve_timesteps
 
-from mc_export.models.presets import _FLUX_EULER, _SANA_EULER, _UNIPC_FLOW
-from runtime.errors import ManifestError, SchedulerConfigError, SchedulerStepError, ShapeError
-from runtime.schedulers import SchedulePlan, Stepper, calculate_shift, make_plan, step_update
+from metacanvas_deploy.mc_export.models.presets import _FLUX_EULER, _SANA_EULER, _UNIPC_FLOW
+from metacanvas_deploy.runtime.errors import ManifestError, SchedulerConfigError, SchedulerStepError, ShapeError
+from metacanvas_deploy.runtime.schedulers import SchedulePlan, Stepper, calculate_shift, make_plan, step_update
 
 STEPS = (1, 2, 3, 4, 10, 50)
 FLUX_SEQ_LENS = (16, 256, 1024, 4096, 6000)  # tiny 64x64, 256 = base, 1024 = 512px, 4096 = max, beyond max
@@ -299,8 +299,8 @@ def test_runtime_schedulers_import_only_numpy_and_stdlib():
             modules |= {a.name.split(".")[0] for a in node.names}
         elif isinstance(node, ast.ImportFrom):
             modules.add(node.module.split(".")[0])
-    assert modules <= {"__future__", "math", "collections", "dataclasses", "numpy", "runtime"}, modules
-    code = "import sys, runtime.schedulers; print(sorted({'torch', 'diffusers'} & set(sys.modules)))"
+    assert modules <= {"__future__", "math", "collections", "dataclasses", "numpy", "metacanvas_deploy"}, modules
+    code = "import sys, metacanvas_deploy.runtime.schedulers; print(sorted({'torch', 'diffusers'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=path.parents[1])
     assert out.stdout.strip() == "[]"

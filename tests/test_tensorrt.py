@@ -23,23 +23,35 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-
-from mc_export.build import resolve_ranges
-from mc_export.components.denoise import STATE_INPUTS, STATE_OUTPUTS
-from mc_export.errors import BuildError, ConfigError, ExportError
-from mc_export.tensorrt.builder import BuildOptions, _parseable, check_onnx, lower_sequences, timing_cache_path
-from mc_export.tensorrt.precision import DEVICE_CLASSES, PRECISIONS, RULES, buildable, check_precision, parse_sm
-from mc_export.tensorrt.profiles import pinned_dims, profile_shapes
-from runtime.backbones.common import shape_of
-from runtime.bundle import load_bundle
-from runtime.engine import OrtEngine
-from runtime.errors import BundleError
-from runtime.schedulers import make_plan
-from runtime.tensor_spec import DimRange
-from runtime.trt_engine import TrtEngine, check_device, make_identity
-
 import trt_doubles as doubles
 from trt_doubles import H100, FakeBuilderTRT, FakeCudart, FakeTensorRT
+
+from metacanvas_deploy.mc_export.build import resolve_ranges
+from metacanvas_deploy.mc_export.components.denoise import STATE_INPUTS, STATE_OUTPUTS
+from metacanvas_deploy.mc_export.errors import BuildError, ConfigError, ExportError
+from metacanvas_deploy.mc_export.tensorrt.builder import (
+    BuildOptions,
+    _parseable,
+    check_onnx,
+    lower_sequences,
+    timing_cache_path,
+)
+from metacanvas_deploy.mc_export.tensorrt.precision import (
+    DEVICE_CLASSES,
+    PRECISIONS,
+    RULES,
+    buildable,
+    check_precision,
+    parse_sm,
+)
+from metacanvas_deploy.mc_export.tensorrt.profiles import pinned_dims, profile_shapes
+from metacanvas_deploy.runtime.backbones.common import shape_of
+from metacanvas_deploy.runtime.bundle import load_bundle
+from metacanvas_deploy.runtime.engine import OrtEngine
+from metacanvas_deploy.runtime.errors import BundleError
+from metacanvas_deploy.runtime.schedulers import make_plan
+from metacanvas_deploy.runtime.tensor_spec import DimRange
+from metacanvas_deploy.runtime.trt_engine import TrtEngine, check_device, make_identity
 
 ROOT = Path(__file__).parents[1]
 STATE = {"next_sample": "sample", **dict(zip(STATE_OUTPUTS, STATE_INPUTS))}  # output -> input it feeds
@@ -129,8 +141,8 @@ def test_timing_cache_is_keyed_by_the_device(tmp_path):
 @pytest.fixture(scope="module")
 def components():
     """backbone -> stage -> component of the tiny presets, as a build plans them (no export)."""
-    from mc_export.models.metacanvas import MetaCanvas
-    from mc_export.stages import plan_stages
+    from metacanvas_deploy.mc_export.models.metacanvas import MetaCanvas
+    from metacanvas_deploy.mc_export.stages import plan_stages
 
     out = {}
     for backbone in ("sana", "flux", "wan"):
@@ -203,12 +215,12 @@ def test_cpu_machine_never_imports_tensorrt_cuda_or_polygraphy(bundles):
                 if name.split('.')[0] in ('tensorrt', 'cuda', 'polygraphy'):
                     raise ImportError('blocked: ' + name)
         sys.meta_path.insert(0, Block())
-        import mc_export.tensorrt.builder, mc_export.tensorrt.precision, mc_export.tensorrt.profiles
-        import runtime.trt_engine
-        from runtime.bundle import load_bundle
-        from runtime.engine import load_engine
-        from runtime.errors import BundleError
-        from runtime.pipeline import Pipeline
+        import metacanvas_deploy.mc_export.tensorrt.builder, metacanvas_deploy.mc_export.tensorrt.precision
+        import metacanvas_deploy.mc_export.tensorrt.profiles, metacanvas_deploy.runtime.trt_engine
+        from metacanvas_deploy.runtime.bundle import load_bundle
+        from metacanvas_deploy.runtime.engine import load_engine
+        from metacanvas_deploy.runtime.errors import BundleError
+        from metacanvas_deploy.runtime.pipeline import Pipeline
         out = Pipeline.load({str(bundles['sana'])!r})('a fox', num_inference_steps=2)
         print('generated', out.frames.shape)
         bundle = load_bundle({str(bundles['sana'])!r})
@@ -234,7 +246,7 @@ def test_cpu_machine_never_imports_tensorrt_cuda_or_polygraphy(bundles):
 def raw_step(components, tmp_path_factory):
     """(component, path): the SANA step exported as a build exports it, before ONNX Runtime's optimisation
     (the graph TensorRT builds from; ~25 s)."""
-    from mc_export.export.onnx_export import export_component
+    from metacanvas_deploy.mc_export.export.onnx_export import export_component
 
     comp = components["sana"]["denoise"]
     path = tmp_path_factory.mktemp("trt_raw") / "denoise.onnx"
@@ -442,7 +454,7 @@ def test_a_foreign_engine_is_refused_before_deserializing(fake_gpu, bundles):
 
 
 def test_low_memory_mode_loads_on_first_use_and_frees_on_release(fake_gpu, bundles, components):
-    from runtime.engine import OnDemandEngine
+    from metacanvas_deploy.runtime.engine import OnDemandEngine
 
     bundle = load_bundle(bundles["sana"])
     trt, cudart = fake_gpu()
@@ -459,7 +471,7 @@ def test_low_memory_mode_loads_on_first_use_and_frees_on_release(fake_gpu, bundl
 
 
 def test_step_loop_arguments_are_checked(fake_gpu, bundles, components):
-    from runtime.errors import ShapeError
+    from metacanvas_deploy.runtime.errors import ShapeError
 
     bundle = load_bundle(bundles["sana"])
     fake_gpu()
@@ -484,7 +496,7 @@ def fake_builder(monkeypatch):
 
 
 def test_build_engine_makes_the_calls_the_precision_asks_for(fake_builder, raw_step, tmp_path):
-    from mc_export.tensorrt.builder import build_engine
+    from metacanvas_deploy.mc_export.tensorrt.builder import build_engine
 
     comp, path = raw_step
     logs, cache = [], tmp_path / "timing.cache"
@@ -507,7 +519,7 @@ def test_build_engine_makes_the_calls_the_precision_asks_for(fake_builder, raw_s
 
 
 def test_parser_errors_and_unservable_precisions_are_build_errors(fake_builder, raw_step, tmp_path):
-    from mc_export.tensorrt.builder import build_engine
+    from metacanvas_deploy.mc_export.tensorrt.builder import build_engine
 
     comp, path = raw_step
     fake_builder.unsupported = {"Gelu"}
@@ -539,7 +551,7 @@ def fp32_engine(raw_step, tmp_path_factory):
     """(component, raw ONNX, engine path, manifest entry, timing cache): the SANA step built in fp32 here."""
     import tensorrt as trt
 
-    from mc_export.tensorrt.builder import build_engine
+    from metacanvas_deploy.mc_export.tensorrt.builder import build_engine
 
     comp, onnx_path = raw_step
     out = tmp_path_factory.mktemp("trt_engine")
@@ -560,7 +572,7 @@ def test_engine_matches_onnx_runtime(fp32_engine, case):
     build's parity gate: max_rel <= 1e-4, cosine >= 0.99999) holds for every output."""
     import onnxruntime as ort
 
-    from mc_export.export.onnx_export import compare
+    from metacanvas_deploy.mc_export.export.onnx_export import compare
 
     comp, onnx_path, plan, entry, cache = fp32_engine
     assert cache.stat().st_size > 0, "the timing cache was saved"
@@ -590,7 +602,7 @@ def test_cuda_graph_replay_is_bit_identical_to_plain_execution(fp32_engine):
     np.testing.assert_array_equal(graph["next_sample"], host["next_sample"])
     ort_entry = comp.spec.engine_entry(onnx_path.name, "onnxruntime", "1.0", "fp32")
     ref = _host_loop(OrtEngine(onnx_path, ort_entry, threads=1), feeds, state, per_step)
-    from mc_export.export.onnx_export import compare
+    from metacanvas_deploy.mc_export.export.onnx_export import compare
 
     row = compare("denoise", "loop", "next_sample", graph["next_sample"], ref["next_sample"])
     assert row.max_rel <= comp.spec.tolerance.max_rel and row.cosine >= comp.spec.tolerance.min_cosine, row.fmt()

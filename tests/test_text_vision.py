@@ -17,12 +17,25 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalize
 from transformers import AutoTokenizer
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from mc_export.models.presets import TINY_SPECIAL_TOKENS, get_preset
-from mc_export.models.tokenizer import build_tiny_tokenizer, save_tokenizer
-from runtime.errors import BundleError, RuntimeInputError
-from runtime.text import CHAT_TEMPLATE, IMAGE_PAD, RESERVED_TOKENS, VIDEO_PAD, PromptTokenizer, format_prompt
-from runtime.vision import (VisionGeometry, patchify, preprocess_images, preprocess_video, sample_frame_indices,
-                            video_tokens)
+from metacanvas_deploy.mc_export.models.presets import TINY_SPECIAL_TOKENS, get_preset
+from metacanvas_deploy.mc_export.models.tokenizer import build_tiny_tokenizer, save_tokenizer
+from metacanvas_deploy.runtime.errors import BundleError, RuntimeInputError
+from metacanvas_deploy.runtime.text import (
+    CHAT_TEMPLATE,
+    IMAGE_PAD,
+    RESERVED_TOKENS,
+    VIDEO_PAD,
+    PromptTokenizer,
+    format_prompt,
+)
+from metacanvas_deploy.runtime.vision import (
+    VisionGeometry,
+    patchify,
+    preprocess_images,
+    preprocess_video,
+    sample_frame_indices,
+    video_tokens,
+)
 
 TINY = get_preset("wan", "tiny")
 GEO = VisionGeometry.from_tokens(TINY.metacanvas.vision_tokens_per_image)  # 4x4 merged tokens, 112 px
@@ -273,10 +286,11 @@ def test_runtime_text_and_vision_import_without_torch():
     code = ("import sys\n"
             "class Block:\n"
             "    def find_spec(self, name, path=None, target=None):\n"
-            "        if name.split('.')[0] in ('torch', 'transformers', 'mc_export', 'diffusers'):\n"
+            "        if name.split('.')[0] in ('torch', 'transformers', 'diffusers') or \\\n"
+            "                name.startswith('metacanvas_deploy.mc_export'):\n"
             "            raise ImportError('blocked ' + name)\n"
             "sys.meta_path.insert(0, Block())\n"
-            "import runtime.text, runtime.vision\n")
+            "import metacanvas_deploy.runtime.text, metacanvas_deploy.runtime.vision\n")
     repo = Path(__file__).resolve().parents[1]
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=repo)
     assert result.returncode == 0, result.stderr

@@ -22,11 +22,18 @@ from transformers import Qwen2_5_VLConfig
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids, get_vision_window_index
 
-from mc_export.export.qwen_vision import (VISION_RTOL, ExportableQwenVision, ExportError, check_graph_ops,
-                                          check_vision_export, example_inputs, export_vision_encoder)
-from mc_export.models.presets import get_preset
-from runtime import vision_index as vi
-from runtime.errors import ShapeError
+from metacanvas_deploy.mc_export.export.qwen_vision import (
+    VISION_RTOL,
+    ExportableQwenVision,
+    ExportError,
+    check_graph_ops,
+    check_vision_export,
+    example_inputs,
+    export_vision_encoder,
+)
+from metacanvas_deploy.mc_export.models.presets import get_preset
+from metacanvas_deploy.runtime import vision_index as vi
+from metacanvas_deploy.runtime.errors import ShapeError
 
 EXPORT_GRID = [[1, 16, 20]]  # 8x10 merged tokens: 2x3 windows, the last row and column partial
 # (t, h, w) in patches: partial windows, exact multiples of the window (upstream pads a whole empty window

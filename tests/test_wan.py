@@ -12,16 +12,21 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from diffusers import (AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline,
-                       WanTransformer3DModel)
+from diffusers import (
+    AutoencoderKLWan,
+    UniPCMultistepScheduler,
+    WanImageToVideoPipeline,
+    WanPipeline,
+    WanTransformer3DModel,
+)
 from diffusers.video_processor import VideoProcessor
 
-from mc_export.errors import ConfigError, InputError, TaskError
-from mc_export.models.backbones.base import CanvasCall, Conditioning
-from mc_export.models.backbones.common import frames_to_uint8, image_to_tensor, video_to_tensor
-from mc_export.models.backbones.wan import WanAdapter
-from mc_export.models.connectors import CanvasInjector, CanvasPrep, randomize_zero_layers
-from mc_export.models.presets import get_preset
+from metacanvas_deploy.mc_export.errors import ConfigError, InputError, TaskError
+from metacanvas_deploy.mc_export.models.backbones.base import CanvasCall, Conditioning
+from metacanvas_deploy.mc_export.models.backbones.common import frames_to_uint8, image_to_tensor, video_to_tensor
+from metacanvas_deploy.mc_export.models.backbones.wan import WanAdapter
+from metacanvas_deploy.mc_export.models.connectors import CanvasInjector, CanvasPrep, randomize_zero_layers
+from metacanvas_deploy.mc_export.models.presets import get_preset
 
 H, W, F, STEPS = 64, 64, 5, 3
 # Batched CFG ([negative, positive] in one call) vs diffusers' two calls: the same ops on the same values; only

@@ -15,11 +15,19 @@ import pytest
 import torch
 from diffusers import AutoencoderKLWan
 
-from mc_export.errors import ConfigError, InputError
-from mc_export.export.wan_vae_stream import (PAST, PRESENT, WanStreamingDecoder, WanStreamingEncoder, cache_layout,
-                                             cache_specs, decode_streaming, encode_streaming)
-from mc_export.export.wan_vae_stream_onnx import double_tensors, export_chunk_graph
-from mc_export.models.presets import get_preset
+from metacanvas_deploy.mc_export.errors import ConfigError, InputError
+from metacanvas_deploy.mc_export.export.wan_vae_stream import (
+    PAST,
+    PRESENT,
+    WanStreamingDecoder,
+    WanStreamingEncoder,
+    cache_layout,
+    cache_specs,
+    decode_streaming,
+    encode_streaming,
+)
+from metacanvas_deploy.mc_export.export.wan_vae_stream_onnx import double_tensors, export_chunk_graph
+from metacanvas_deploy.mc_export.models.presets import get_preset
 
 LATENT_FRAMES = (1, 2, 3, 4)  # -> 1, 5, 9, 13 pixel frames
 SIZES = ((32, 32), (48, 80))  # pixels: 2x2 and 3x5 latent grids

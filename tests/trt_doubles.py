@@ -11,7 +11,7 @@ import types
 import numpy as np
 import onnx
 
-from runtime.trt_engine import make_identity
+from metacanvas_deploy.runtime.trt_engine import make_identity
 
 H100 = make_identity("NVIDIA H100 80GB HBM3", 9, 0, "10.16.1.11", 12090, 12090, False)  # what the doubles report
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mc_export.components.ranges import BuildRanges
-from mc_export.components.spec import Tolerance
-from mc_export.errors import ConfigError
-from runtime.schedulers import make_plan
-from runtime.tensor_spec import DimRange
+from metacanvas_deploy.mc_export.components.ranges import BuildRanges
+from metacanvas_deploy.mc_export.components.spec import Tolerance
+from metacanvas_deploy.mc_export.errors import ConfigError
+from metacanvas_deploy.runtime.schedulers import make_plan
+from metacanvas_deploy.runtime.tensor_spec import DimRange
 
 # uint8 frames: ONNX Runtime and torch may round a value within ~1e-6 of a .5 boundary differently: one level,
 # max_rel = 1/255 (against max(1, 255)). Two levels anywhere fail.

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from runtime.schedulers import COL_HISTORY, ROW_LAST, ROW_M, ROW_NEXT
-from runtime.tensor_spec import DimRange, TensorSpec
+from metacanvas_deploy.runtime.schedulers import COL_HISTORY, ROW_LAST, ROW_M, ROW_NEXT
+from metacanvas_deploy.runtime.tensor_spec import DimRange, TensorSpec
 
 STATE_INPUTS = ("last_sample", "history")
 STATE_OUTPUTS = ("next_last_sample", "next_history")

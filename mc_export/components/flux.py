@@ -40,14 +40,27 @@ import numpy as np
 import torch
 from torch import nn
 
-from mc_export.components.common import (UINT8_TOLERANCE, batch_range, pixels_to_uint8, plan_row,
-                                         sample_pixels, scaled, scheduler_config)
-from mc_export.components.denoise import cfg_combine, scheduler_update, state_specs, step_dims, step_inputs
-from mc_export.components.ranges import BuildRanges
-from mc_export.components.spec import Component, ComponentSpec
-from mc_export.errors import ConfigError
-from mc_export.models.backbones.flux import PACK, image_ids, pack_latents, unpack_latents
-from runtime.tensor_spec import TensorSpec
+from metacanvas_deploy.mc_export.components.common import (
+    UINT8_TOLERANCE,
+    batch_range,
+    pixels_to_uint8,
+    plan_row,
+    sample_pixels,
+    scaled,
+    scheduler_config,
+)
+from metacanvas_deploy.mc_export.components.denoise import (
+    cfg_combine,
+    scheduler_update,
+    state_specs,
+    step_dims,
+    step_inputs,
+)
+from metacanvas_deploy.mc_export.components.ranges import BuildRanges
+from metacanvas_deploy.mc_export.components.spec import Component, ComponentSpec
+from metacanvas_deploy.mc_export.errors import ConfigError
+from metacanvas_deploy.mc_export.models.backbones.flux import PACK, image_ids, pack_latents, unpack_latents
+from metacanvas_deploy.runtime.tensor_spec import TensorSpec
 
 TRUE_CFG_SAMPLE = 3.0  # the true-CFG scale sample inputs use when rows = 2 (any value > 1 exercises the branch)
 

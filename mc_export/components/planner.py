@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from mc_export.components.ranges import BuildRanges
-from mc_export.components.spec import Component, ComponentSpec, Tolerance
-from runtime.tensor_spec import DimRange, TensorSpec
-from runtime.text import canvas_position_grid
+from metacanvas_deploy.mc_export.components.ranges import BuildRanges
+from metacanvas_deploy.mc_export.components.spec import Component, ComponentSpec, Tolerance
+from metacanvas_deploy.runtime.tensor_spec import DimRange, TensorSpec
+from metacanvas_deploy.runtime.text import canvas_position_grid
 
 
 class PlannerGraph(nn.Module):

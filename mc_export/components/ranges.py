@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mc_export.errors import ConfigError
-from runtime.tensor_spec import DimRange
+from metacanvas_deploy.mc_export.errors import ConfigError
+from metacanvas_deploy.runtime.tensor_spec import DimRange
 
 Triple = tuple[int, int, int]
 

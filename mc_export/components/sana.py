@@ -37,13 +37,26 @@ import numpy as np
 import torch
 from torch import nn
 
-from mc_export.components.denoise import cfg_combine, scheduler_update, state_specs, step_dims, step_inputs
-from mc_export.components.common import (UINT8_TOLERANCE, batch_range, pixels_to_uint8, plan_row,
-                                         sample_pixels, scaled, scheduler_config)
-from mc_export.components.ranges import BuildRanges
-from mc_export.components.spec import Component, ComponentSpec
-from mc_export.errors import ConfigError
-from runtime.tensor_spec import TensorSpec
+from metacanvas_deploy.mc_export.components.common import (
+    UINT8_TOLERANCE,
+    batch_range,
+    pixels_to_uint8,
+    plan_row,
+    sample_pixels,
+    scaled,
+    scheduler_config,
+)
+from metacanvas_deploy.mc_export.components.denoise import (
+    cfg_combine,
+    scheduler_update,
+    state_specs,
+    step_dims,
+    step_inputs,
+)
+from metacanvas_deploy.mc_export.components.ranges import BuildRanges
+from metacanvas_deploy.mc_export.components.spec import Component, ComponentSpec
+from metacanvas_deploy.mc_export.errors import ConfigError
+from metacanvas_deploy.runtime.tensor_spec import TensorSpec
 
 
 class _SanaStep(nn.Module):

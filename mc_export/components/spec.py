@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from runtime.manifest import EngineEntry
-from runtime.tensor_spec import DimRange, TensorSpec, split_dim
+from metacanvas_deploy.runtime.manifest import EngineEntry
+from metacanvas_deploy.runtime.tensor_spec import DimRange, TensorSpec, split_dim
 
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
                  "int64": torch.int64, "int32": torch.int32, "uint8": torch.uint8, "bool": torch.bool}

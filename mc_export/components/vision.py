@@ -13,11 +13,11 @@ import dataclasses
 import numpy as np
 from torch import nn
 
-from mc_export.components.ranges import BuildRanges
-from mc_export.components.spec import Component, ComponentSpec, Tolerance
-from mc_export.export.qwen_vision import VISION_RTOL, ExportableQwenVision
-from runtime.tensor_spec import DimRange, TensorSpec
-from runtime.vision_index import VisionGeometry, vision_inputs
+from metacanvas_deploy.mc_export.components.ranges import BuildRanges
+from metacanvas_deploy.mc_export.components.spec import Component, ComponentSpec, Tolerance
+from metacanvas_deploy.mc_export.export.qwen_vision import VISION_RTOL, ExportableQwenVision
+from metacanvas_deploy.runtime.tensor_spec import DimRange, TensorSpec
+from metacanvas_deploy.runtime.vision_index import VisionGeometry, vision_inputs
 
 
 class VisionComponent(Component):

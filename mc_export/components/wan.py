@@ -62,15 +62,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from mc_export.components.denoise import cfg_combine, scheduler_update, state_specs, step_dims, step_inputs
-from mc_export.components.ranges import BuildRanges
-from mc_export.components.spec import Component, ComponentSpec
-from mc_export.errors import ConfigError
-from mc_export.models.backbones.base import CanvasCall
-from mc_export.models.backbones.wan import WanAdapter, WanRequest
-from mc_export.models.metacanvas import MetaCanvas
-from runtime.schedulers import make_plan
-from runtime.tensor_spec import DimRange, TensorSpec
+from metacanvas_deploy.mc_export.components.denoise import (
+    cfg_combine,
+    scheduler_update,
+    state_specs,
+    step_dims,
+    step_inputs,
+)
+from metacanvas_deploy.mc_export.components.ranges import BuildRanges
+from metacanvas_deploy.mc_export.components.spec import Component, ComponentSpec
+from metacanvas_deploy.mc_export.errors import ConfigError
+from metacanvas_deploy.mc_export.models.backbones.base import CanvasCall
+from metacanvas_deploy.mc_export.models.backbones.wan import WanAdapter, WanRequest
+from metacanvas_deploy.mc_export.models.metacanvas import MetaCanvas
+from metacanvas_deploy.runtime.schedulers import make_plan
+from metacanvas_deploy.runtime.tensor_spec import DimRange, TensorSpec
 
 GUIDANCE_SCALE = 5.0  # Wan2.2's default CFG scale: what sample inputs use
 
@@ -205,7 +211,7 @@ class WanDenoise(Component):
 def stage_components(model, ranges: BuildRanges, history: int) -> dict[str, Component]:
     """Wan's stages after the planner, in run order: VAE encoder pair (i2v/v2v/r2v inputs), the step, the VAE
     decoder pair."""
-    from mc_export.components.wan_vae import wan_vae_stages
+    from metacanvas_deploy.mc_export.components.wan_vae import wan_vae_stages
 
     encodes = bool({"i2v", "v2v", "r2v"} & set(model.cfg.tasks))
     vae = wan_vae_stages(model, ranges, encoder=encodes)

@@ -15,11 +15,11 @@ from __future__ import annotations
 import numpy as np
 from torch import nn
 
-from mc_export.components.common import scaled
-from mc_export.components.ranges import BuildRanges
-from mc_export.components.spec import Component, ComponentSpec, Tolerance
-from mc_export.export.wan_vae_stream import CHUNK_FRAMES, WanStreamingDecoder, WanStreamingEncoder
-from runtime.tensor_spec import TensorSpec
+from metacanvas_deploy.mc_export.components.common import scaled
+from metacanvas_deploy.mc_export.components.ranges import BuildRanges
+from metacanvas_deploy.mc_export.components.spec import Component, ComponentSpec, Tolerance
+from metacanvas_deploy.mc_export.export.wan_vae_stream import CHUNK_FRAMES, WanStreamingDecoder, WanStreamingEncoder
+from metacanvas_deploy.runtime.tensor_spec import TensorSpec
 
 
 class WanVaeStage(Component):

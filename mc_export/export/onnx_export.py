@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mc_export.components.spec import Component, Tolerance
-from mc_export.errors import ExportError, StageParityError
-from mc_export.models.lazy import buffers_on_meta
+from metacanvas_deploy.mc_export.components.spec import Component, Tolerance
+from metacanvas_deploy.mc_export.errors import ExportError, StageParityError
+from metacanvas_deploy.mc_export.models.lazy import buffers_on_meta
 
 OPSET = 20
 TWO_GB = 2**31 - 2**20  # protobuf's hard limit, less a margin for the graph itself
@@ -42,7 +42,7 @@ def export_component(comp: Component, path: Path, opset: int = OPSET, weights=No
     traced from the structure alone and each weight is streamed from the checkpoint into the file as it is
     written, so a model larger than memory exports (../shared/FINDINGS.md: meta export, then apply weights).
     """
-    from mc_export.export.patches import export_patches
+    from metacanvas_deploy.mc_export.export.patches import export_patches
 
     spec = comp.spec
     args = comp.torch_inputs(comp.sample_inputs("opt", seed=0))

@@ -14,8 +14,8 @@ import torch
 def flux_rope_float32() -> Iterator[None]:
     """diffusers' `FluxPosEmbed` builds its rotary tables in float64: DOUBLE tensors land in the graph and
     TensorRT rejects them (../shared/FINDINGS.md). The float32 tables differ by <= 2.7e-6."""
-    from diffusers.models.transformers import transformer_flux
     from diffusers.models.embeddings import get_1d_rotary_pos_embed
+    from diffusers.models.transformers import transformer_flux
 
     original = transformer_flux.FluxPosEmbed.forward
 

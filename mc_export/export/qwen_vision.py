@@ -30,8 +30,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mc_export.errors import ExportError
-from runtime.vision_index import VISION_INPUT_NAMES, VISION_OUTPUT_NAMES, VisionGeometry, num_patches, vision_inputs
+from metacanvas_deploy.mc_export.errors import ExportError
+from metacanvas_deploy.runtime.vision_index import (
+    VISION_INPUT_NAMES,
+    VISION_OUTPUT_NAMES,
+    VisionGeometry,
+    num_patches,
+    vision_inputs,
+)
 
 OPSET = 20
 # Gate: max|ORT - transformers| <= VISION_RTOL * max(1, max|transformers|). Both sides are fp32 and differ
@@ -148,7 +154,7 @@ def export_vision_encoder(visual: nn.Module, path, example_grid_thw, opset: int 
 
 def check_graph_ops(path) -> None:
     """Raise ExportError if the ONNX file at `path` has a DOUBLE tensor or a Scatter node."""
-    from mc_export.export.onnx_export import check_graph
+    from metacanvas_deploy.mc_export.export.onnx_export import check_graph
 
     check_graph(Path(path))
 

@@ -28,8 +28,8 @@ import torch
 from diffusers.models.autoencoders.autoencoder_kl_wan import patchify, unpatchify
 from torch import nn
 
-from mc_export.errors import ConfigError, InputError
-from mc_export.export.wan_vae_stream_blocks import ChunkState, decoder_chunk, encoder_chunk
+from metacanvas_deploy.mc_export.errors import ConfigError, InputError
+from metacanvas_deploy.mc_export.export.wan_vae_stream_blocks import ChunkState, decoder_chunk, encoder_chunk
 
 CHUNK_FRAMES = 4  # pixel frames per encoder chunk after the first: diffusers' `_encode` hard-codes 4
 PAST, PRESENT = "past.", "present."  # cache input / output name prefixes (the KV-cache convention)

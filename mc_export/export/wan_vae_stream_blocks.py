@@ -21,12 +21,19 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.autoencoders.autoencoder_kl_wan import (WanAttentionBlock, WanCausalConv3d, WanResample,
-                                                              WanResidualBlock, WanResidualDownBlock,
-                                                              WanResidualUpBlock, WanRMS_norm, WanUpBlock)
+from diffusers.models.autoencoders.autoencoder_kl_wan import (
+    WanAttentionBlock,
+    WanCausalConv3d,
+    WanResample,
+    WanResidualBlock,
+    WanResidualDownBlock,
+    WanResidualUpBlock,
+    WanRMS_norm,
+    WanUpBlock,
+)
 from torch import nn
 
-from mc_export.errors import ConfigError, InputError
+from metacanvas_deploy.mc_export.errors import ConfigError, InputError
 
 
 class ChunkState:

@@ -17,8 +17,13 @@ import onnx
 import torch
 from torch.export import Dim
 
-from mc_export.errors import MetaCanvasError
-from mc_export.export.wan_vae_stream import CHUNK_FRAMES, WanStreamingDecoder, WanStreamingEncoder, _Streaming
+from metacanvas_deploy.mc_export.errors import MetaCanvasError
+from metacanvas_deploy.mc_export.export.wan_vae_stream import (
+    CHUNK_FRAMES,
+    WanStreamingDecoder,
+    WanStreamingEncoder,
+    _Streaming,
+)
 
 OPSET = 20
 TWO_GB = 2**31 - 2**20  # protobuf's limit on one file, less a margin for the graph

@@ -19,7 +19,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from mc_export.errors import CheckpointError
+from metacanvas_deploy.mc_export.errors import CheckpointError
 
 PARTS = ("planner", "transformer", "vae", "scheduler", "metacanvas")
 

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mc_export.errors import ConfigError
+from metacanvas_deploy.mc_export.errors import ConfigError
 
 BACKBONES = ("wan", "flux", "sana")
 
@@ -138,7 +138,7 @@ class MetaCanvasConfig:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
     def check_task(self, task: str) -> None:
-        from mc_export.errors import TaskError
+        from metacanvas_deploy.mc_export.errors import TaskError
 
         all_tasks = sorted({t for ts in TASKS.values() for t in ts})
         if task not in all_tasks:

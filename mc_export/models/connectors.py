@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mc_export.models.config import MetaCanvasConfig
+from metacanvas_deploy.mc_export.models.config import MetaCanvasConfig
 
 
 class ContextMLP(nn.Module):

@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mc_export.errors import CheckpointError
-from mc_export.models import checkpoint as ckpt
+from metacanvas_deploy.mc_export.errors import CheckpointError
+from metacanvas_deploy.mc_export.models import checkpoint as ckpt
 
 # safetensors dtype names -> torch
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -243,9 +243,13 @@ def load_lazy(path: str | Path):
     from accelerate import init_empty_weights
     from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
 
-    from mc_export.models.metacanvas import MetaCanvas, _scheduler_from_config, read_checkpoint_configs
-    from mc_export.models.planner import Planner
-    from mc_export.models.tokenizer import load_tokenizer
+    from metacanvas_deploy.mc_export.models.metacanvas import (
+        MetaCanvas,
+        _scheduler_from_config,
+        read_checkpoint_configs,
+    )
+    from metacanvas_deploy.mc_export.models.planner import Planner
+    from metacanvas_deploy.mc_export.models.tokenizer import load_tokenizer
 
     path = Path(path)
     cfg, defaults, (t_cls, v_cls) = read_checkpoint_configs(path)

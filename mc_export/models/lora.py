@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-from mc_export.errors import ConfigError
+from metacanvas_deploy.mc_export.errors import ConfigError
 
 
 class LoRALinear(nn.Module):

@@ -12,13 +12,18 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mc_export.errors import CheckpointError, InputError
-from mc_export.models import checkpoint as ckpt
-from mc_export.models.backbones.base import Conditioning, SampleOutput
-from mc_export.models.config import MetaCanvasConfig
-from mc_export.models.connectors import (CanvasInjector, CanvasPrep, ContextMLP, PooledProjection,
-                                         randomize_zero_layers)
-from mc_export.models.presets import Preset, SamplingDefaults, get_preset
+from metacanvas_deploy.mc_export.errors import CheckpointError, InputError
+from metacanvas_deploy.mc_export.models import checkpoint as ckpt
+from metacanvas_deploy.mc_export.models.backbones.base import Conditioning, SampleOutput
+from metacanvas_deploy.mc_export.models.config import MetaCanvasConfig
+from metacanvas_deploy.mc_export.models.connectors import (
+    CanvasInjector,
+    CanvasPrep,
+    ContextMLP,
+    PooledProjection,
+    randomize_zero_layers,
+)
+from metacanvas_deploy.mc_export.models.presets import Preset, SamplingDefaults, get_preset
 
 # Distinct seed offsets per component: changing one component's size never reshuffles another's weights.
 _SEED_PLANNER, _SEED_TRANSFORMER, _SEED_VAE, _SEED_METACANVAS = 0, 1, 2, 3
@@ -26,14 +31,14 @@ _SEED_PLANNER, _SEED_TRANSFORMER, _SEED_VAE, _SEED_METACANVAS = 0, 1, 2, 3
 
 def _adapter_class(backbone: str):
     if backbone == "wan":
-        from mc_export.models.backbones.wan import WanAdapter
+        from metacanvas_deploy.mc_export.models.backbones.wan import WanAdapter
 
         return WanAdapter
     if backbone == "flux":
-        from mc_export.models.backbones.flux import FluxKontextAdapter
+        from metacanvas_deploy.mc_export.models.backbones.flux import FluxKontextAdapter
 
         return FluxKontextAdapter
-    from mc_export.models.backbones.sana import SanaAdapter
+    from metacanvas_deploy.mc_export.models.backbones.sana import SanaAdapter
 
     return SanaAdapter
 
@@ -88,9 +93,9 @@ class MetaCanvas(nn.Module):
         """
         from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-        from mc_export.models.planner import Planner
-        from mc_export.models.tokenizer import build_tiny_tokenizer
-        from runtime.text import PromptTokenizer
+        from metacanvas_deploy.mc_export.models.planner import Planner
+        from metacanvas_deploy.mc_export.models.tokenizer import build_tiny_tokenizer
+        from metacanvas_deploy.runtime.text import PromptTokenizer
 
         p = get_preset(backbone, preset) if isinstance(preset, str) else preset
         cfg = dataclasses.replace(p.metacanvas, **(overrides or {}))
@@ -136,7 +141,7 @@ class MetaCanvas(nn.Module):
     @torch.no_grad()
     def encode(self, prompt: str, negative_prompt: str | None, images=None, video=None) -> Conditioning:
         """Run the planner once for [negative, positive] (batched) and map its states to DiT conditioning."""
-        from runtime.vision import preprocess_images, preprocess_video, video_tokens
+        from metacanvas_deploy.runtime.vision import preprocess_images, preprocess_video, video_tokens
 
         if self.tokenizer is None:
             raise CheckpointError("this model has no tokenizer (a `full` preset on meta): load a checkpoint")
@@ -209,7 +214,7 @@ class MetaCanvas(nn.Module):
 
     def save_pretrained(self, path: str | Path) -> None:
         """Write the checkpoint folder atomically: a crash leaves the old folder (or none), never half of one."""
-        from mc_export.models.tokenizer import save_tokenizer
+        from metacanvas_deploy.mc_export.models.tokenizer import save_tokenizer
 
         with ckpt.atomic_dir(Path(path)) as tmp:
             self.planner.save_stock(tmp / "planner")
@@ -231,11 +236,11 @@ class MetaCanvas(nn.Module):
         models larger than memory; export streams them into the ONNX files one tensor at a time."""
         from transformers import Qwen2_5_VLForConditionalGeneration
 
-        from mc_export.models.planner import Planner
-        from mc_export.models.tokenizer import load_tokenizer
+        from metacanvas_deploy.mc_export.models.planner import Planner
+        from metacanvas_deploy.mc_export.models.tokenizer import load_tokenizer
 
         if lazy:
-            from mc_export.models.lazy import load_lazy
+            from metacanvas_deploy.mc_export.models.lazy import load_lazy
 
             return load_lazy(path)
         path = Path(path)

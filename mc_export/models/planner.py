@@ -26,11 +26,11 @@ import torch
 import transformers
 from torch import nn
 
-from mc_export.errors import CheckpointError, ConfigError, InputError
-from mc_export.models.config import MetaCanvasConfig
-from mc_export.models.lora import apply_lora, lora_modules
-from runtime.text import canvas_position_grid
-from runtime.vision import VisionGeometry
+from metacanvas_deploy.mc_export.errors import CheckpointError, ConfigError, InputError
+from metacanvas_deploy.mc_export.models.config import MetaCanvasConfig
+from metacanvas_deploy.mc_export.models.lora import apply_lora, lora_modules
+from metacanvas_deploy.runtime.text import canvas_position_grid
+from metacanvas_deploy.runtime.vision import VisionGeometry
 
 
 @dataclass

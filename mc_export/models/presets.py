@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mc_export.errors import ConfigError
-from mc_export.models.config import BACKBONES, MetaCanvasConfig
+from metacanvas_deploy.mc_export.errors import ConfigError
+from metacanvas_deploy.mc_export.models.config import BACKBONES, MetaCanvasConfig
 
 PRESETS = ("tiny", "small", "full")
 

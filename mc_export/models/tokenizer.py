@@ -13,9 +13,9 @@ from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-from mc_export.errors import ConfigError
-from mc_export.models.presets import TINY_SPECIAL_TOKENS, TINY_VOCAB
-from runtime.text import CHAT_TEMPLATE, IM_END, PAD_TOKEN, PromptTokenizer
+from metacanvas_deploy.mc_export.errors import ConfigError
+from metacanvas_deploy.mc_export.models.presets import TINY_SPECIAL_TOKENS, TINY_VOCAB
+from metacanvas_deploy.runtime.text import CHAT_TEMPLATE, IM_END, PAD_TOKEN, PromptTokenizer
 
 
 def bytes_to_unicode() -> dict[int, str]:

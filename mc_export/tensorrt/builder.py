@@ -23,12 +23,12 @@ from pathlib import Path
 
 import numpy as np
 
-from mc_export.components.spec import ComponentSpec
-from mc_export.errors import BuildError, ConfigError
-from mc_export.export.onnx_export import check_graph
-from mc_export.tensorrt.precision import PrecisionRule, check_precision, rule
-from mc_export.tensorrt.profiles import profile_shapes
-from runtime.trt_engine import device_identity
+from metacanvas_deploy.mc_export.components.spec import ComponentSpec
+from metacanvas_deploy.mc_export.errors import BuildError, ConfigError
+from metacanvas_deploy.mc_export.export.onnx_export import check_graph
+from metacanvas_deploy.mc_export.tensorrt.precision import PrecisionRule, check_precision, rule
+from metacanvas_deploy.mc_export.tensorrt.profiles import profile_shapes
+from metacanvas_deploy.runtime.trt_engine import device_identity
 
 # onnx-tensorrt's operators.md for TensorRT 10.15: "supports operators in the inclusive range of opset 9 to
 # opset 24"; it lists every Sequence op as unsupported (`lower_sequences` rewrites the ones our exports hold).
@@ -79,7 +79,7 @@ def check_onnx(onnx_path: Path, precision_rule: PrecisionRule) -> None:
     ExportError from `check_graph`) naming the problem."""
     import onnx
 
-    from runtime.onnx_external_data import external_data_refs
+    from metacanvas_deploy.runtime.onnx_external_data import external_data_refs
 
     onnx_path = Path(onnx_path)
     model = onnx.load(str(onnx_path), load_external_data=False)

@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from mc_export.components.spec import Tolerance
-from mc_export.errors import BuildError
+from metacanvas_deploy.mc_export.components.spec import Tolerance
+from metacanvas_deploy.mc_export.errors import BuildError
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
 MIN_SM = (7, 5)  # the oldest GPU this package builds TensorRT engines for (Turing)

@@ -11,9 +11,9 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 
-from mc_export.components.spec import ComponentSpec
-from mc_export.errors import ConfigError
-from runtime.tensor_spec import DimRange
+from metacanvas_deploy.mc_export.components.spec import ComponentSpec
+from metacanvas_deploy.mc_export.errors import ConfigError
+from metacanvas_deploy.runtime.tensor_spec import DimRange
 
 Shape = tuple[int, ...]
 Profile = tuple[Shape, Shape, Shape]  # (min, opt, max)

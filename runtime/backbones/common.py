@@ -7,8 +7,8 @@ from collections.abc import Mapping
 import numpy as np
 from PIL import Image
 
-from runtime.errors import RuntimeInputError
-from runtime.tensor_spec import TensorSpec, split_dim
+from metacanvas_deploy.runtime.errors import RuntimeInputError
+from metacanvas_deploy.runtime.tensor_spec import TensorSpec, split_dim
 
 
 def to_pil(image, name: str) -> Image.Image:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from runtime.backbones.common import pixels
-from runtime.errors import RuntimeInputError
+from metacanvas_deploy.runtime.backbones.common import pixels
+from metacanvas_deploy.runtime.errors import RuntimeInputError
 
 
 class Host:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from runtime.errors import RuntimeInputError
+from metacanvas_deploy.runtime.errors import RuntimeInputError
 
 
 class Host:

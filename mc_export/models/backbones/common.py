@@ -14,9 +14,9 @@ import numpy as np
 import PIL.Image
 import torch
 
-from mc_export.errors import InputError
-from mc_export.models.backbones.base import Conditioning
-from mc_export.models.connectors import CanvasPrep
+from metacanvas_deploy.mc_export.errors import InputError
+from metacanvas_deploy.mc_export.models.backbones.base import Conditioning
+from metacanvas_deploy.mc_export.models.connectors import CanvasPrep
 
 ImageLike = Union[PIL.Image.Image, np.ndarray]  # RGB PIL image or uint8 (H, W, 3) array
 

@@ -21,12 +21,19 @@ import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from mc_export.errors import ConfigError, InputError, TaskError
-from mc_export.models.backbones.base import CanvasCall, CanvasHook, Conditioning, SampleOutput
-from mc_export.models.backbones.common import (ImageLike, cfg_combine, cfg_concat, check_conditioning,
-                                               frames_to_uint8, image_to_tensor, prepare_canvas)
-from mc_export.models.config import MetaCanvasConfig
-from mc_export.models.connectors import CanvasInjector, CanvasPrep
+from metacanvas_deploy.mc_export.errors import ConfigError, InputError, TaskError
+from metacanvas_deploy.mc_export.models.backbones.base import CanvasCall, CanvasHook, Conditioning, SampleOutput
+from metacanvas_deploy.mc_export.models.backbones.common import (
+    ImageLike,
+    cfg_combine,
+    cfg_concat,
+    check_conditioning,
+    frames_to_uint8,
+    image_to_tensor,
+    prepare_canvas,
+)
+from metacanvas_deploy.mc_export.models.config import MetaCanvasConfig
+from metacanvas_deploy.mc_export.models.connectors import CanvasInjector, CanvasPrep
 
 PACK = 2  # FLUX packs 2x2 latent pixels into one token
 

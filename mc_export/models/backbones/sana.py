@@ -20,12 +20,17 @@ import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from mc_export.errors import ConfigError, InputError, TaskError
-from mc_export.models.backbones.base import CanvasCall, CanvasHook, Conditioning, SampleOutput
-from mc_export.models.backbones.common import (cfg_combine, cfg_concat, check_conditioning, frames_to_uint8,
-                                               prepare_canvas)
-from mc_export.models.config import MetaCanvasConfig
-from mc_export.models.connectors import CanvasInjector, CanvasPrep
+from metacanvas_deploy.mc_export.errors import ConfigError, InputError, TaskError
+from metacanvas_deploy.mc_export.models.backbones.base import CanvasCall, CanvasHook, Conditioning, SampleOutput
+from metacanvas_deploy.mc_export.models.backbones.common import (
+    cfg_combine,
+    cfg_concat,
+    check_conditioning,
+    frames_to_uint8,
+    prepare_canvas,
+)
+from metacanvas_deploy.mc_export.models.config import MetaCanvasConfig
+from metacanvas_deploy.mc_export.models.connectors import CanvasInjector, CanvasPrep
 
 
 class SanaAdapter:

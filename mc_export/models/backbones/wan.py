@@ -20,14 +20,21 @@ import torch
 from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
 from diffusers.utils.torch_utils import randn_tensor
 
-from mc_export.errors import ConfigError, InputError, TaskError
-from mc_export.models.backbones.base import CanvasCall, CanvasHook, Conditioning, SampleOutput
-from mc_export.models.backbones.common import (
-    ImageLike, cfg_combine, cfg_concat, check_conditioning, frames_to_uint8, image_to_tensor, images_to_tensor,
-    prepare_canvas, video_to_tensor,
+from metacanvas_deploy.mc_export.errors import ConfigError, InputError, TaskError
+from metacanvas_deploy.mc_export.models.backbones.base import CanvasCall, CanvasHook, Conditioning, SampleOutput
+from metacanvas_deploy.mc_export.models.backbones.common import (
+    ImageLike,
+    cfg_combine,
+    cfg_concat,
+    check_conditioning,
+    frames_to_uint8,
+    image_to_tensor,
+    images_to_tensor,
+    prepare_canvas,
+    video_to_tensor,
 )
-from mc_export.models.config import MetaCanvasConfig
-from mc_export.models.connectors import CanvasInjector, CanvasPrep
+from metacanvas_deploy.mc_export.models.config import MetaCanvasConfig
+from metacanvas_deploy.mc_export.models.connectors import CanvasInjector, CanvasPrep
 
 
 @dataclass

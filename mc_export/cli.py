@@ -1,0 +1,162 @@
+"""`python -m mc_export`: a thin CLI over the typed API. Parses, builds a config, calls one function, and
+maps our errors to exit code 2 with a one-line message (tracebacks only for bugs)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from metacanvas_deploy.mc_export.errors import run_cli
+
+
+def _add_init_checkpoint(sub) -> None:
+    p = sub.add_parser("init-checkpoint", help="write a checkpoint folder with seeded random weights")
+    p.add_argument("--backbone", required=True, choices=["wan", "flux", "sana"])
+    p.add_argument("--preset", default="tiny", choices=["tiny", "small"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--random-canvas", action="store_true",
+                   help="random (not zero) values in the zero-initialised canvas layers and LoRA, so the canvas "
+                        "path is exercised")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_cmd_init_checkpoint)
+
+
+def _cmd_init_checkpoint(args) -> None:
+    from metacanvas_deploy.mc_export.models.metacanvas import MetaCanvas
+
+    model = MetaCanvas.from_preset(args.backbone, args.preset, seed=args.seed, random_canvas=args.random_canvas)
+    model.save_pretrained(args.out)
+    print(f"wrote {args.preset} {args.backbone} checkpoint (seed {args.seed}) to {args.out}")
+
+
+def _add_reference(sub) -> None:
+    p = sub.add_parser("reference", help="sample with the PyTorch reference and write PNG/MP4/GIF")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--task", required=True, choices=["t2i", "edit", "t2v", "i2v", "v2v", "r2v"])
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--image", help="input image (edit, i2v)")
+    p.add_argument("--video", help="input video (v2v)")
+    p.add_argument("--reference", action="append", default=[], help="reference image (r2v); repeatable")
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--frames", type=int)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--guidance", type=float)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output file: .png for images, .mp4 or .gif for video")
+    p.set_defaults(func=_cmd_reference)
+
+
+def _cmd_reference(args) -> None:
+    from metacanvas_deploy.mc_export.models.metacanvas import MetaCanvas
+    from metacanvas_deploy.runtime.media import read_image, read_video, write_media
+
+    model = MetaCanvas.from_pretrained(args.checkpoint)
+    out = model.generate(
+        args.task, args.prompt, args.negative_prompt,
+        image=read_image(args.image) if args.image else None,
+        video=read_video(args.video) if args.video else None,
+        reference_images=[read_image(r) for r in args.reference] or None,
+        height=args.height, width=args.width, num_frames=args.frames, num_inference_steps=args.steps,
+        guidance_scale=args.guidance, seed=args.seed,
+    )
+    write_media(args.out, out.frames[0])
+    print(f"wrote {args.out}")
+
+
+def _range(text: str) -> tuple[int, ...]:
+    """`512` -> (512, 512, 512); `256:1024` -> (256, opt=min, 1024)... with opt the middle value when given."""
+    try:
+        parts = tuple(int(p) for p in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N, MIN:MAX or MIN:OPT:MAX, got {text!r}") from None
+    if len(parts) == 1:
+        return parts * 3
+    if len(parts) == 2:
+        return (parts[0], parts[0], parts[1])
+    if len(parts) == 3:
+        return parts
+    raise argparse.ArgumentTypeError(f"expected N, MIN:MAX or MIN:OPT:MAX, got {text!r}")
+
+
+def _add_build(sub) -> None:
+    p = sub.add_parser("build", help="compile a checkpoint (or a preset) into an engine bundle")
+    p.add_argument("--backbone", choices=["wan", "flux", "sana"])
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--preset", choices=["tiny", "small"], help="seeded random weights (default: tiny)")
+    src.add_argument("--checkpoint", help="a local checkpoint folder (see `init-checkpoint`)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16", "int8", "fp8"])
+    p.add_argument("--target", default="auto", choices=["auto", "onnxruntime", "tensorrt"])
+    p.add_argument("--height", type=_range, help="pixel height range MIN:MAX or MIN:OPT:MAX")
+    p.add_argument("--width", type=_range)
+    p.add_argument("--frames", type=_range, help="video frame range (4k+1 values)")
+    p.add_argument("--prompt-tokens", type=_range, help="planner prefix length range")
+    p.add_argument("--steps", type=int, help="step count of the precomputed schedule (others are computed at run "
+                                              "time)")
+    p.add_argument("--seed", type=int, default=0, help="preset weights' seed")
+    p.add_argument("--no-verify", action="store_true", help="skip the parity gates (not recommended)")
+    p.add_argument("--lazy-weights", default="auto", choices=["auto", "on", "off"],
+                   help="checkpoints: trace on the meta device and stream weights from disk into the ONNX files "
+                        "(auto: when the fp32 weights exceed half the available memory)")
+    p.add_argument("--recipe", help="int8/fp8: a recipe JSON file (`python -m calib recipe` prints the default)")
+    p.add_argument("--float-bundle", help="int8/fp8: the fp32 reference bundle to calibrate against, built there "
+                                           "if missing or stale (default: <out>-fp32)")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_cmd_build)
+
+
+def _cmd_build(args) -> None:
+    from pathlib import Path
+
+    from metacanvas_deploy.mc_export.build import BuildConfig, build
+
+    if args.checkpoint is None and args.preset is None:
+        print("no --checkpoint given: building the tiny preset (seeded random weights)", file=sys.stderr)
+    overrides = tuple((k, getattr(args, k)) for k in ("height", "width", "frames", "prompt_tokens")
+                      if getattr(args, k) is not None)
+    recipe = None
+    if args.recipe:
+        import json
+
+        from metacanvas_deploy.calib.recipes import Recipe
+        from metacanvas_deploy.mc_export.errors import ConfigError
+
+        try:
+            recipe = Recipe.from_json(json.loads(Path(args.recipe).read_text()))
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"cannot read the recipe {args.recipe}: {e}") from e
+    cfg = BuildConfig(out=Path(args.out), backbone=args.backbone, preset=args.preset,
+                      checkpoint=Path(args.checkpoint) if args.checkpoint else None, precision=args.precision,
+                      target=args.target, range_overrides=overrides, steps=args.steps, seed=args.seed,
+                      verify=not args.no_verify, lazy_weights=args.lazy_weights,
+                      recipe=recipe, float_bundle=Path(args.float_bundle) if args.float_bundle else None)
+    resolved = cfg.validate()
+    if resolved.target != args.target:
+        print(f"--target auto: no usable GPU/TensorRT here, building for {resolved.target}", file=sys.stderr)
+    build(cfg)
+
+
+def _add_verify(sub) -> None:
+    p = sub.add_parser("verify", help="re-run a bundle's parity gates against its source model")
+    p.add_argument("--bundle", required=True)
+    p.set_defaults(func=_cmd_verify)
+
+
+def _cmd_verify(args) -> None:
+    from metacanvas_deploy.mc_export.build import verify
+
+    for line in verify(args.bundle):
+        print(line)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mc_export", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_build(sub)
+    _add_verify(sub)
+    _add_init_checkpoint(sub)
+    _add_reference(sub)
+    args = parser.parse_args(argv)
+    return run_cli(lambda: args.func(args))
+

@@ -1,0 +1,58 @@
+"""`python -m runtime generate --bundle DIR --prompt ... --out FILE`: generate from a bundle (no torch)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from metacanvas_deploy.runtime.errors import MetaCanvasRuntimeError
+
+
+def _generate(args) -> None:
+    from metacanvas_deploy.runtime.media import read_image, read_video, write_media
+    from metacanvas_deploy.runtime.pipeline import Pipeline
+
+    pipe = Pipeline.load(args.bundle, threads=args.threads, low_memory=args.low_memory)
+    out = pipe(args.prompt, args.negative_prompt, task=args.task,
+               image=read_image(args.image) if args.image else None,
+               video=read_video(args.video) if args.video else None,
+               reference_images=[read_image(r) for r in args.reference] or None,
+               height=args.height, width=args.width, num_frames=args.frames, num_inference_steps=args.steps,
+               guidance_scale=args.guidance, true_cfg_scale=args.true_cfg, seed=args.seed, progress=True)
+    write_media(args.out, out.frames)
+    stages = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in out.timings.items())
+    print(f"wrote {args.out} ({stages})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m runtime", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("generate", help="generate an image or video from a bundle")
+    p.add_argument("--bundle", required=True)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative-prompt")
+    p.add_argument("--task", choices=["t2i", "edit", "t2v", "i2v", "v2v", "r2v"],
+                   help="default: inferred from the backbone and the inputs given")
+    p.add_argument("--image", help="input image (edit, i2v)")
+    p.add_argument("--video", help="input video file or folder of frames (v2v)")
+    p.add_argument("--reference", action="append", default=[], help="reference image (r2v); repeatable")
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--frames", type=int)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--guidance", type=float)
+    p.add_argument("--true-cfg", type=float, default=1.0, help="FLUX-Kontext true CFG scale (> 1 enables it)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
+    p.add_argument("--low-memory", action="store_true",
+                   help="open each stage's engine only while it runs (one stage resident at a time)")
+    p.add_argument("--out", required=True, help=".png for images, .mp4 or .gif for video")
+    p.set_defaults(func=_generate)
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except MetaCanvasRuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
