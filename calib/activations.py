@@ -22,12 +22,12 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from metacanvas_deploy.runtime.memory import available_bytes
+
 
 def activation_budget() -> int:
     """Bytes of activations one chunk may hold: a quarter of the memory available now (floor 64 MiB)."""
-    from metacanvas_deploy.mc_export.models.lazy import memory_budget
-
-    return max(64 << 20, memory_budget() // 2)
+    return max(64 << 20, available_bytes() // 4)
 
 
 def plan_chunks(sizes: dict[str, int], budget: int) -> list[list[str]]:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from metacanvas_deploy.mc_export.errors import run_cli
+from metacanvas_deploy.calib.errors import CalibError
+from metacanvas_deploy.runtime.errors import MetaCanvasRuntimeError, run_cli
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--num-layers", type=int, help="the DiT's depth (Wan keeps its first and last blocks float)")
     r.add_argument("--target", default="onnxruntime", choices=["onnxruntime", "tensorrt"])
     args = parser.parse_args(argv)
-    return run_cli(lambda: _run(args))
+    return run_cli(lambda: _run(args), (CalibError, MetaCanvasRuntimeError))
 
 
 def _run(args) -> None:

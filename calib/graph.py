@@ -1,5 +1,6 @@
 """ONNX graph passes around quantization: naming the weight layers, folding exported weight transposes,
-SmoothQuant, and reading which kernels a quantized graph runs on."""
+SmoothQuant, reading which kernels a quantized graph runs on; writing graphs past protobuf's 2 GB limit and ONNX
+Runtime's offline optimisation (used for float and quantized stages alike)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from metacanvas_deploy.mc_export.export.onnx_export import TWO_GB
-
+TWO_GB = 2**31 - 2**20  # protobuf's hard limit, less a margin for the graph itself
 # Layers with a weight: the quantizable ones. Attention's activation x activation MatMuls have no initializer.
 WEIGHT_OPS = ("MatMul", "Conv", "Gemm")
 # What ONNX Runtime's CPU provider runs integer GEMMs/convolutions with (after its QDQ fusions).
@@ -28,6 +28,23 @@ def external_data(path: Path) -> Path | None:
     """``<path>.data`` if the model at ``path`` keeps its weights there (the naming every writer here uses)."""
     data = Path(path).with_name(Path(path).name + ".data")
     return data if data.exists() else None
+
+
+def optimize_for_ort(src: Path, dst: Path) -> None:
+    """ONNX Runtime's offline graph optimisation (constant folding, fusions) saved to ``dst``.
+
+    EXTENDED, not ALL: ALL adds layout transforms for the building machine's CPU, which ORT applies again at
+    load time anyway; an EXTENDED file stays valid on any CPU running the same ORT minor release.
+    """
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    so.optimized_model_filepath = str(dst)
+    if Path(str(src) + ".data").exists():
+        so.add_session_config_entry("session.optimized_model_external_initializers_file_name", dst.name + ".data")
+        so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
 
 
 def save_model(model: onnx.ModelProto, path: Path) -> None:

@@ -27,17 +27,18 @@ import onnx
 
 from metacanvas_deploy.calib import capture as cap
 from metacanvas_deploy.calib.activations import Exposer
+from metacanvas_deploy.calib.errors import AccuracyBudgetError
 from metacanvas_deploy.calib.graph import (
     external_data,
     fold_weight_transposes,
     integer_kernels,
+    optimize_for_ort,
     qdq_fp8,
     save_model,
     smooth,
     weight_layers,
 )
 from metacanvas_deploy.calib.recipes import Recipe
-from metacanvas_deploy.mc_export.errors import BuildError
 from metacanvas_deploy.runtime.memory import rss_phase
 
 
@@ -296,10 +297,9 @@ def evaluate(pipe, stage: str, candidate, held_feeds: Sequence[dict], held_reqs,
 
 def quantize_stage(float_bundle: Path, raw: Path, recipe: Recipe, stage: str, workdir: Path,
                    threads: int | None = None, log=print, low_memory: bool = False) -> QuantizedStage:
-    """The whole recipe for one stage: capture, calibrate, quantize, gate, fall back. Raises BuildError with the
+    """The whole recipe for one stage: capture, calibrate, quantize, gate, fall back. Raises AccuracyBudgetError with the
     measured numbers when the budget cannot be met with every layer moved back. ``low_memory``: the float
     pipeline holds one stage's engine at a time (models larger than memory)."""
-    from metacanvas_deploy.mc_export.export.onnx_export import optimize_for_ort
     from metacanvas_deploy.runtime.pipeline import Pipeline
 
     workdir = Path(workdir)
@@ -357,6 +357,6 @@ def quantize_stage(float_bundle: Path, raw: Path, recipe: Recipe, stage: str, wo
                 scores = sensitivity(prepared, ranges, candidates, feeds[:2], recipe, threads)
         k = max(1, math.ceil(recipe.fallback_fraction * len(nodes)))
         fallback += sorted(nodes, key=lambda n: -scores[n])[:k]
-    raise BuildError(f"{stage}: {recipe.name} misses its accuracy budget after {len(rounds)} rounds "
+    raise AccuracyBudgetError(f"{stage}: {recipe.name} misses its accuracy budget after {len(rounds)} rounds "
                      f"({len(fallback)} layers moved back to float): {metrics.shortfall(recipe)}. Relax the "
                      f"budget in a recipe file (--recipe), raise max_fallback_rounds, or build fp32")

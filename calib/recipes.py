@@ -23,7 +23,7 @@ import json
 import re
 from dataclasses import dataclass
 
-from metacanvas_deploy.mc_export.errors import ConfigError
+from metacanvas_deploy.calib.errors import RecipeError
 
 FORMATS = ("int8", "fp8")
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
@@ -69,23 +69,23 @@ class Recipe:
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
-            raise ConfigError(f"recipe {self.name}: format must be one of {FORMATS}, got {self.format!r}")
+            raise RecipeError(f"recipe {self.name}: format must be one of {FORMATS}, got {self.format!r}")
         if self.calibration not in CALIBRATION_METHODS:
-            raise ConfigError(f"recipe {self.name}: calibration must be one of {CALIBRATION_METHODS}")
+            raise RecipeError(f"recipe {self.name}: calibration must be one of {CALIBRATION_METHODS}")
         if not 50.0 < self.percentile <= 100.0:
-            raise ConfigError(f"recipe {self.name}: percentile must be in (50, 100], got {self.percentile}")
+            raise RecipeError(f"recipe {self.name}: percentile must be in (50, 100], got {self.percentile}")
         if self.smoothquant_alpha is not None and not 0.0 <= self.smoothquant_alpha <= 1.0:
-            raise ConfigError(f"recipe {self.name}: smoothquant_alpha must be in [0, 1]")
+            raise RecipeError(f"recipe {self.name}: smoothquant_alpha must be in [0, 1]")
         if not 0.0 < self.fallback_fraction <= 1.0 or self.max_fallback_rounds < 0:
-            raise ConfigError(f"recipe {self.name}: fallback_fraction in (0, 1], max_fallback_rounds >= 0")
+            raise RecipeError(f"recipe {self.name}: fallback_fraction in (0, 1], max_fallback_rounds >= 0")
         if min(self.calibration_prompts, self.calibration_steps, self.held_out_prompts, self.evaluation_steps) < 1:
-            raise ConfigError(f"recipe {self.name}: needs at least one calibration prompt and step, held-out prompt "
+            raise RecipeError(f"recipe {self.name}: needs at least one calibration prompt and step, held-out prompt "
                               "and evaluation step")
         for pattern in self.keep_float:
             try:
                 re.compile(pattern)
             except re.error as e:
-                raise ConfigError(f"recipe {self.name}: keep_float pattern {pattern!r}: {e}") from e
+                raise RecipeError(f"recipe {self.name}: keep_float pattern {pattern!r}: {e}") from e
 
     def keeps_float(self, weight_name: str) -> bool:
         return any(re.search(p, weight_name) for p in self.keep_float)
@@ -103,7 +103,7 @@ class Recipe:
                     data[key] = tuple(data[key])
             return cls(**data)
         except TypeError as e:
-            raise ConfigError(f"not a recipe: {e}") from e
+            raise RecipeError(f"not a recipe: {e}") from e
 
     def digest(self) -> str:
         """sha256 of the canonical JSON: the manifest's record of exactly which recipe built a bundle."""
@@ -132,9 +132,9 @@ def default_recipe(backbone: str, precision: str, num_layers: int | None = None,
     """The shipped recipe for a backbone and precision. ``num_layers``: the DiT's depth (Wan's edge blocks);
     ``target``: int8 for TensorRT keeps 8-bit weights (no saturation to dodge)."""
     if precision not in FORMATS:
-        raise ConfigError(f"no quantization recipe for precision {precision!r}; expected one of {FORMATS}")
+        raise RecipeError(f"no quantization recipe for precision {precision!r}; expected one of {FORMATS}")
     if backbone not in _KEEP_FLOAT:
-        raise ConfigError(f"no quantization recipe for backbone {backbone!r}")
+        raise RecipeError(f"no quantization recipe for backbone {backbone!r}")
     keep = _KEEP_FLOAT[backbone]
     if backbone == "wan" and num_layers:
         keep = (*keep, *_wan_edge_blocks(num_layers))

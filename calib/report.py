@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 
 from metacanvas_deploy.calib import capture as cap
+from metacanvas_deploy.calib.errors import BundleMismatchError
 from metacanvas_deploy.calib.quantize import psnr, update_cosine
 from metacanvas_deploy.calib.recipes import Recipe
-from metacanvas_deploy.mc_export.errors import ConfigError
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -26,10 +26,10 @@ def report(bundle: str | Path, float_bundle: str | Path | None = None, threads: 
     pipe = Pipeline.load(bundle, threads=threads)
     quant = pipe.manifest.build.get("quantization")
     if not quant:
-        raise ConfigError(f"{bundle} is a {pipe.manifest.build.get('precision', '?')} bundle, not a quantized one")
+        raise BundleMismatchError(f"{bundle} is a {pipe.manifest.build.get('precision', '?')} bundle, not a quantized one")
     ref = Pipeline.load(float_bundle or quant["float_bundle"], threads=threads)
     if ref.manifest.build.get("cache_key") != quant["float_cache_key"]:
-        raise ConfigError(f"{ref.bundle.path} is not the float bundle {bundle} was calibrated against "
+        raise BundleMismatchError(f"{ref.bundle.path} is not the float bundle {bundle} was calibrated against "
                           "(cache keys differ); rebuild both, or pass --float with the right one")
     lines = [f"# {pipe.manifest.backbone} {pipe.manifest.build['precision']} vs fp32 ({ref.bundle.path})", ""]
     stages = quant["stages"]

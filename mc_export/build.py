@@ -8,19 +8,14 @@ identical key into an existing, verifying bundle returns at once; "the file exis
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from metacanvas_deploy.mc_export.components.ranges import BuildRanges, default_ranges
 from metacanvas_deploy.mc_export.errors import BuildError, ConfigError
-from metacanvas_deploy.runtime.errors import MetaCanvasRuntimeError
-from metacanvas_deploy.runtime.manifest import BUNDLE_FORMAT, SCHEMA_VERSION, Manifest
+from metacanvas_deploy.mc_export.quantized import build_quantized, recipe_for
+from metacanvas_deploy.mc_export.writer import build_float, cache_key, cached, gpu_identity, weights_hash
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
 QUANTIZED = ("int8", "fp8")  # precisions built by calibration (calib/)
@@ -70,6 +65,9 @@ class BuildConfig:
         if self.recipe is not None and getattr(self.recipe, "format", None) != self.precision:
             raise ConfigError(f"a {getattr(self.recipe, 'format', '?')} recipe cannot build --precision "
                               f"{self.precision}")
+        if self.float_bundle is not None and Path(self.float_bundle).resolve() == Path(self.out).resolve():
+            raise ConfigError(f"--float-bundle and --out are both {self.out}: the quantized bundle would replace the "
+                              "float bundle it is calibrated against; give them different folders")
         if self.checkpoint is not None and self.preset is not None:
             raise ConfigError("--preset and --checkpoint are exclusive: a checkpoint brings its own weights")
         gpu = _tensorrt_usable() if gpu_available is None else gpu_available
@@ -127,72 +125,6 @@ def use_lazy_weights(cfg: BuildConfig) -> bool:
     return checkpoint_fp32_bytes(cfg.checkpoint) > memory_budget()
 
 
-def weights_hash(model) -> str:
-    """sha256 over every tensor (name, dtype, shape, bytes) in a fixed order: the build's content key. A lazy
-    model (weights on disk) hashes its checkpoint's files instead, streamed."""
-    if getattr(model, "lazy_weights", None) is not None:
-        return "files:" + model.lazy_weights.content_hash()
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.detach().contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-def tool_versions(target: str = "onnxruntime") -> dict[str, str]:
-    import diffusers
-    import onnx
-    import onnxruntime
-    import transformers
-
-    from metacanvas_deploy.mc_export import __version__
-
-    versions = {"mc_export": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-                "diffusers": diffusers.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
-    if target == "tensorrt":
-        import tensorrt
-
-        versions["tensorrt"] = tensorrt.__version__
-    return versions
-
-
-def gpu_identity(cfg: BuildConfig) -> dict | None:
-    """The GPU a TensorRT build is for (name, compute capability, TensorRT/CUDA versions); None for the CPU.
-    Checks the precision against the GPU first: a clear error instead of a failure deep in the builder."""
-    if cfg.target != "tensorrt":
-        return None
-    from metacanvas_deploy.mc_export.tensorrt.precision import check_precision
-    from metacanvas_deploy.runtime.trt_engine import device_identity
-
-    identity = device_identity()
-    check_precision(cfg.precision, identity)
-    return identity
-
-
-def cache_key(cfg: BuildConfig, model, ranges: BuildRanges, steps: int) -> str:
-    payload = {"weights": weights_hash(model), "metacanvas": model.cfg.to_dict(), "precision": cfg.precision,
-               "target": cfg.target, "ranges": ranges.to_json(), "steps": steps, "tools": tool_versions(cfg.target),
-               "verify": cfg.verify, "schema": SCHEMA_VERSION, "device": gpu_identity(cfg)}
-    if cfg.precision in QUANTIZED:
-        from metacanvas_deploy.calib.build import recipe_for
-
-        payload["recipe"] = recipe_for(cfg, model).digest()
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-
-
-def _cached(out: Path, key: str) -> bool:
-    """An existing bundle with the same key that verifies (hashes included) is a cache hit."""
-    from metacanvas_deploy.runtime.bundle import load_bundle
-
-    if not (out / "manifest.json").is_file():
-        return False
-    try:
-        bundle = load_bundle(out)
-    except MetaCanvasRuntimeError:
-        return False
-    return bundle.manifest.build.get("cache_key") == key
-
-
 def resolve_ranges(model, overrides) -> BuildRanges:
     """The preset's default ranges with the user's overrides, validated against the backbone."""
     ranges = default_ranges(model.adapter, model.defaults, model.cfg.max_prompt_tokens)
@@ -207,89 +139,27 @@ def resolve_ranges(model, overrides) -> BuildRanges:
 
 def build(cfg: BuildConfig, log=print) -> Path:
     """Build the bundle ``cfg.out`` and return its path. Raises MetaCanvasError subclasses on bad input and
-    StageParityError when a stage misses its tolerance (nothing is written then)."""
-    from metacanvas_deploy.mc_export.stages import plan_stages, write_stages
-
+    StageParityError when a stage misses its tolerance (nothing is written then). The model is loaded and its
+    weights hashed once, also for a quantized build (which builds its float bundle in the same pass)."""
     cfg = cfg.validate()
     gpu_identity(cfg)  # a precision this GPU cannot take fails here, before any export
     started = time.perf_counter()
     model = load_model(cfg)
     ranges = resolve_ranges(model, cfg.range_overrides)
     steps = cfg.steps or model.defaults.num_inference_steps
-    key = cache_key(cfg, model, ranges, steps)
+    digest = weights_hash(model)
+    recipe = recipe_for(cfg, model) if cfg.precision in QUANTIZED else None
+    key = cache_key(cfg, model, ranges, steps, digest, recipe)
     out = Path(cfg.out)
-    if _cached(out, key):
+    if cached(out, key):
         log(f"{out}: up to date (cache key {key[:12]}), nothing to build")
         return out
     if cfg.precision in QUANTIZED:
-        from metacanvas_deploy.calib.build import build_quantized
-
-        build_quantized(cfg, model, ranges, key, log)
-        log(f"wrote {out} in {time.perf_counter() - started:.0f} s")
-        return out
-    components = plan_stages(model, ranges)
-    log(f"building {model.cfg.backbone} ({cfg.preset or 'checkpoint'}) for {cfg.target} {cfg.precision}: "
-        f"stages {', '.join(components)}")
-
-    def populate(tmp: Path) -> Manifest:
-        engines, files, gates = write_stages(components, tmp, cfg, log, getattr(model, "lazy_weights", None))
-        files.update(_write_tokenizer(model, tmp))
-        return _manifest(cfg, model, ranges, steps, key, engines, files, gates)
-
-    from metacanvas_deploy.runtime.bundle import write_bundle
-
-    write_bundle(out, populate)
+        build_quantized(cfg, model, recipe, ranges, steps, digest, key, log)
+    else:
+        build_float(cfg, model, ranges, steps, key, log)
     log(f"wrote {out} in {time.perf_counter() - started:.0f} s")
     return out
-
-
-def _write_tokenizer(model, tmp: Path) -> dict[str, str]:
-    model.tokenizer.tokenizer.save(str(tmp / "tokenizer.json"))
-    return {"tokenizer.json": ""}
-
-
-def _manifest(cfg: BuildConfig, model, ranges: BuildRanges, steps: int, key: str, engines, files,
-              gates: dict[str, str]) -> Manifest:
-    from metacanvas_deploy.mc_export.components.common import scheduler_config as scheduler_config_of
-    from metacanvas_deploy.runtime.schedulers import make_plan
-
-    mc = model.cfg
-    scheduler_config = scheduler_config_of(model.adapter)
-    d = model.defaults
-    plan = None
-    if not scheduler_config.get("use_dynamic_shifting"):  # FLUX's plan depends on the image size: at run time
-        plan = make_plan(scheduler_config, steps).to_json()
-    qwen = model.planner.qwen.config
-    command = " ".join(["python -m mc_export", *sys.argv[1:]]) if sys.argv and "mc_export" in sys.argv[0] else ""
-    return Manifest(
-        schema_version=SCHEMA_VERSION, format=BUNDLE_FORMAT, backbone=mc.backbone,
-        preset=cfg.preset or "checkpoint", tasks=tuple(mc.tasks), engines=engines, files=files,
-        ranges={"height": (ranges.height[0], ranges.height[2]), "width": (ranges.width[0], ranges.width[2]),
-                "num_frames": (ranges.num_frames[0], ranges.num_frames[2]),
-                "prompt_tokens": (ranges.prompt_tokens[0], ranges.prompt_tokens[2])},
-        multiples={"height": model.adapter.size_multiple, "width": model.adapter.size_multiple,
-                   "num_frames_minus_1": model.adapter.frame_multiple or 1},
-        scheduler={"config": scheduler_config, "plans": {str(steps): plan} if plan else {}},
-        canvas={"keyframes": mc.canvas_keyframes, "height": mc.canvas_height, "width": mc.canvas_width,
-                "tokens": mc.canvas_tokens},
-        defaults={**dataclasses.asdict(d), "negative_prompt": ""},
-        build={"cache_key": key, "command": command, "source": _source(cfg), "tools": tool_versions(cfg.target),
-               "precision": cfg.precision, "target": cfg.target, "metacanvas": mc.to_dict(),
-               "ranges": ranges.to_json(), "parity": gates,
-               "lazy_weights": getattr(model, "lazy_weights", None) is not None,
-               "planner": {"image_token_id": qwen.image_token_id, "video_token_id": qwen.video_token_id,
-                           "spatial_merge_size": qwen.vision_config.spatial_merge_size,
-                           "tokens_per_second": qwen.vision_config.tokens_per_second,
-                           "max_prompt_tokens": mc.max_prompt_tokens},
-               "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
-    )
-
-
-def _source(cfg: BuildConfig) -> dict:
-    """Where the weights came from, so that `verify` can rebuild the reference."""
-    if cfg.checkpoint is not None:
-        return {"checkpoint": str(Path(cfg.checkpoint).resolve())}
-    return {"preset": cfg.preset, "seed": cfg.seed, "random_canvas": cfg.random_canvas}
 
 
 def verify(bundle_dir: str | Path) -> list[str]:

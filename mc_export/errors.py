@@ -40,15 +40,10 @@ class BuildError(MetaCanvasError):
 
 
 def run_cli(call) -> int:
-    """Run a CLI command: our errors (compiler's and runtime's) become one line on stderr and exit code 2;
-    anything else is a bug and keeps its traceback. Returns the exit code."""
-    import sys
-
+    """Run a compiler CLI command: our errors (compiler's, calibration's and runtime's) become one line on stderr
+    and exit code 2; anything else is a bug and keeps its traceback. Returns the exit code."""
+    from metacanvas_deploy.calib.errors import CalibError
     from metacanvas_deploy.runtime.errors import MetaCanvasRuntimeError
+    from metacanvas_deploy.runtime.errors import run_cli as run
 
-    try:
-        call()
-    except (MetaCanvasError, MetaCanvasRuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run(call, (MetaCanvasError, CalibError, MetaCanvasRuntimeError))

@@ -9,11 +9,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from metacanvas_deploy.calib.graph import optimize_for_ort
 from metacanvas_deploy.mc_export.components.planner import PlannerComponent
 from metacanvas_deploy.mc_export.components.ranges import BuildRanges
 from metacanvas_deploy.mc_export.components.spec import Component
 from metacanvas_deploy.mc_export.components.vision import VisionComponent
-from metacanvas_deploy.mc_export.export.onnx_export import export_component, optimize_for_ort, parity_gate
+from metacanvas_deploy.mc_export.export.onnx_export import export_component, parity_gate
 
 # Tasks whose planner sees images or video (vision encoder stage).
 _VISION_TASKS = {"edit", "i2v", "v2v", "r2v"}
@@ -69,18 +70,22 @@ def _place(raw: Path, final: Path, weights, comp: Component) -> None:
     optimize_for_ort(raw, final)
 
 
-def write_stages(components: dict[str, Component], bundle_dir: Path, cfg, log, weights=None):
-    """Export, optimise and gate every stage into ``bundle_dir``. Returns (engines, extra files, gates) for the
-    manifest; gates: stage -> "passed" or why it was not gated. A stage that misses its tolerance raises
-    StageParityError and the bundle is never written. ``weights``: lazy weights (`mc_export.models.lazy`)."""
+def write_stages(components: dict[str, Component], bundle_dir: Path, cfg, log, weights=None,
+                 raw_dir: Path | None = None, keep_raw: tuple[str, ...] = ()):
+    """Export, optimise and gate every stage into ``bundle_dir``. Returns (engines, extra files, gates, raws) for
+    the manifest; gates: stage -> "passed" or why it was not gated. A stage that misses its tolerance raises
+    StageParityError and the bundle is never written. ``weights``: lazy weights (`mc_export.models.lazy`).
+    The raw exports of the ``keep_raw`` stages stay in ``raw_dir`` (quantization starts from them): raws maps
+    each to its path, or to None where the bundle's own file is that raw export."""
     import onnxruntime as ort
 
-    engines, files, gates = {}, {}, {}
+    engines, files, gates, raws = {}, {}, {}, {}
     with tempfile.TemporaryDirectory(prefix="mc_export-") as scratch:
         bar = tqdm(components.items(), desc="stages", unit="stage", disable=None)
         for stage, comp in bar:
             bar.set_postfix_str(stage)
-            raw = Path(scratch) / f"{stage}.onnx"
+            kept = stage in keep_raw and raw_dir is not None
+            raw = (Path(raw_dir) / f"{stage}.raw.onnx") if kept else Path(scratch) / f"{stage}.onnx"
             export_component(comp, raw, weights=weights)
             if cfg.target == "tensorrt":
                 final, entry = tensorrt_engine(comp, raw, bundle_dir, cfg, log)
@@ -102,7 +107,9 @@ def write_stages(components: dict[str, Component], bundle_dir: Path, cfg, log, w
                     log(f"  {stage}: parity gate skipped: {skipped}")
             files.update({name: "" for name in entry.external_data})
             engines[stage] = entry
-    return engines, files, gates
+            if kept:
+                raws[stage] = raw if raw.exists() else None
+    return engines, files, gates, raws
 
 
 def _external(bundle_dir: Path, stage: str) -> tuple[str, ...]:

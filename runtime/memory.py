@@ -7,6 +7,7 @@ the process lifetime's ru_maxrss.
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 _CLEAR_REFS = Path("/proc/self/clear_refs")
+_MEMINFO = Path("/proc/meminfo")
 _STATUS = Path("/proc/self/status")
 
 
@@ -67,3 +69,15 @@ def rss_phase() -> Iterator[dict]:
     record.update(peak_mb=peak_rss_mb(), end_mb=None if end_kb is None else end_kb / 1024.0,
                   end_private_mb=None if anon_kb is None else anon_kb / 1024.0,
                   scope="phase" if scoped else "process lifetime")
+
+
+def available_bytes() -> int:
+    """Memory the kernel says a new allocation can have without swapping (MemAvailable: free memory plus
+    reclaimable page cache); the free pages elsewhere."""
+    try:
+        for line in _MEMINFO.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

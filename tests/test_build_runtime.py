@@ -197,7 +197,8 @@ def test_verify_reruns_every_gate(bundles, capsys):
 
 def test_a_checkpoint_builds_the_same_bundle_key_as_its_preset(tmp_path, references):
     """`--checkpoint DIR` loads the weights `init-checkpoint` wrote: the content key sees the same weights."""
-    from metacanvas_deploy.mc_export.build import load_model, weights_hash
+    from metacanvas_deploy.mc_export.build import load_model
+    from metacanvas_deploy.mc_export.writer import weights_hash
 
     references["sana"].save_pretrained(tmp_path / "ckpt")
     from_ckpt = load_model(BuildConfig(out=tmp_path / "b", checkpoint=tmp_path / "ckpt").validate(False))

@@ -23,11 +23,12 @@ from onnx import TensorProto, helper, numpy_helper
 from metacanvas_deploy.calib import capture as cap
 from metacanvas_deploy.calib import graph as calib_graph
 from metacanvas_deploy.calib.activations import Exposer, plan_chunks
+from metacanvas_deploy.calib.errors import AccuracyBudgetError, RecipeError
 from metacanvas_deploy.calib.graph import fold_weight_transposes, integer_kernels, qdq_fp8, smooth, weight_layers
 from metacanvas_deploy.calib.quantize import calibrate, prepare, psnr, quantize_stage, sensitivity
 from metacanvas_deploy.calib.recipes import Budget, Recipe, default_recipe
 from metacanvas_deploy.mc_export.build import BuildConfig, build, resolve_ranges
-from metacanvas_deploy.mc_export.errors import BuildError, ConfigError
+from metacanvas_deploy.mc_export.errors import ConfigError
 from metacanvas_deploy.mc_export.export.onnx_export import export_component
 from metacanvas_deploy.mc_export.models.metacanvas import MetaCanvas
 from metacanvas_deploy.mc_export.stages import plan_stages
@@ -81,7 +82,7 @@ def test_recipe_round_trips_and_its_digest_tracks_every_field():
     (dict(fallback_fraction=0.0), "fallback"),
 ])
 def test_a_bad_recipe_is_refused(kwargs, message):
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(RecipeError, match=message):
         Recipe(**{"name": "x", "format": "int8", **kwargs})
 
 
@@ -292,7 +293,7 @@ def test_the_fallback_loop_moves_the_most_sensitive_layers_and_fails_with_number
     recipe = dataclasses.replace(default_recipe("sana", "int8"), **QUICK, budget=Budget(min_psnr_db=500.0),
                                  fallback_fraction=0.5, max_fallback_rounds=2)
     lines = []
-    with pytest.raises(BuildError, match=r"misses its accuracy budget after 3 rounds .*mean PSNR [0-9.]+ dB.*"
+    with pytest.raises(AccuracyBudgetError, match=r"misses its accuracy budget after 3 rounds .*mean PSNR [0-9.]+ dB.*"
                                          r"PSNR short by [0-9.]+ dB"):
         quantize_stage(float_bundle, raw_denoise, recipe, "denoise", tmp_path, threads=1,
                        log=lines.append, low_memory=True)  # the float pipeline one stage at a time

@@ -27,6 +27,7 @@ import torch
 from diffusers import UniPCMultistepScheduler
 from onnx import numpy_helper
 
+from metacanvas_deploy.calib.graph import optimize_for_ort
 from metacanvas_deploy.mc_export.components.ranges import default_ranges
 from metacanvas_deploy.mc_export.components.sana import SanaDenoise, SanaVaeDecoder, SanaVaeEncoder
 from metacanvas_deploy.mc_export.errors import ConfigError
@@ -34,7 +35,6 @@ from metacanvas_deploy.mc_export.export.onnx_export import (
     check_graph,
     compare,
     export_component,
-    optimize_for_ort,
     parity_gate,
 )
 from metacanvas_deploy.mc_export.models.backbones.common import image_to_tensor, prepare_canvas

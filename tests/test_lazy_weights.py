@@ -15,12 +15,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from metacanvas_deploy.mc_export.build import BuildConfig, build, resolve_ranges, use_lazy_weights, weights_hash
+from metacanvas_deploy.mc_export.build import BuildConfig, build, resolve_ranges, use_lazy_weights
 from metacanvas_deploy.mc_export.errors import CheckpointError, ConfigError
 from metacanvas_deploy.mc_export.export.onnx_export import parity_gate
 from metacanvas_deploy.mc_export.models import lazy
 from metacanvas_deploy.mc_export.models.metacanvas import MetaCanvas
 from metacanvas_deploy.mc_export.stages import gate_stage, plan_stages
+from metacanvas_deploy.mc_export.writer import weights_hash
 from metacanvas_deploy.runtime.bundle import load_bundle
 from metacanvas_deploy.runtime.pipeline import Pipeline
 

@@ -118,8 +118,9 @@ def _stock_pipeline(backbone: str, ckpt):
 def test_zero_canvas_equals_diffusers_pipeline_from_the_same_folders(backbone, tmp_path):
     """With the canvas layers at zero (as at the start of training) the system is the stock backbone fed by the
     planner's embeddings: final latents equal diffusers' pipeline built from the same checkpoint folders.
-    Tolerance: 1e-5 relative: both sides run the same kernels on the same weights; batching the two CFG branches
-    in one call (we do, WanPipeline does not) only reorders float sums (measured: 0)."""
+    Tolerance: 1e-5 relative or 1e-5 absolute: both sides run the same kernels on the same weights; batching the
+    two CFG branches in one call (we do, WanPipeline does not) only reorders float sums (measured: 0 on AVX2;
+    1.5e-6 absolute on one Wan latent of magnitude 0.04 on AVX-512, whose GEMM kernels block batches differently)."""
     overrides = {"condition_channels": 0} if backbone == "wan" else None
     model = MetaCanvas.from_preset(backbone, "tiny", seed=2, overrides=overrides)  # zero canvas layers
     model.save_pretrained(tmp_path / "ckpt")
@@ -150,7 +151,7 @@ def test_zero_canvas_equals_diffusers_pipeline_from_the_same_folders(backbone, t
     ours_latents = ours.latents
     if backbone == "flux":
         theirs = theirs.reshape(ours_latents.shape)
-    torch.testing.assert_close(ours_latents, theirs, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours_latents, theirs, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("backbone,dit_width,layers,params_b,canvas", [

@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from metacanvas_deploy.calib.graph import TWO_GB
 from metacanvas_deploy.mc_export.components.spec import Component, Tolerance
 from metacanvas_deploy.mc_export.errors import ExportError, StageParityError
 from metacanvas_deploy.mc_export.models.lazy import buffers_on_meta
 
 OPSET = 20
-TWO_GB = 2**31 - 2**20  # protobuf's hard limit, less a margin for the graph itself
 
 
 @contextlib.contextmanager
@@ -118,23 +118,6 @@ def check_graph(path: Path) -> None:
     if doubles or scatters:
         raise ExportError(f"{path.name}: TensorRT-hostile content: DOUBLE tensors {doubles[:5]}, Scatter nodes "
                           f"{scatters[:5]}; keep float64 math on the host and rewrite scatters")
-
-
-def optimize_for_ort(src: Path, dst: Path) -> None:
-    """ONNX Runtime's offline graph optimisation (constant folding, fusions) saved to ``dst``.
-
-    EXTENDED, not ALL: ALL adds layout transforms for the building machine's CPU, which ORT applies again at
-    load time anyway; an EXTENDED file stays valid on any CPU running the same ORT minor release.
-    """
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    so.optimized_model_filepath = str(dst)
-    if Path(str(src) + ".data").exists():
-        so.add_session_config_entry("session.optimized_model_external_initializers_file_name", dst.name + ".data")
-        so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-    ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from torch import nn
 
 from metacanvas_deploy.mc_export.errors import CheckpointError
 from metacanvas_deploy.mc_export.models import checkpoint as ckpt
+from metacanvas_deploy.runtime.memory import available_bytes
 
 # safetensors dtype names -> torch
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -186,15 +187,7 @@ def checkpoint_fp32_bytes(path: str | Path) -> int:
 def memory_budget() -> int:
     """Bytes a build may hold in weights at once: half of the memory available now (the other half for
     activations, ONNX Runtime's copy of a graph being gated, and the rest of the process)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024 // 2
-    except OSError:
-        pass
-    import os
-
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    return available_bytes() // 2
 
 
 def fp32_bytes(module: nn.Module) -> int:

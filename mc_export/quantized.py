@@ -1,0 +1,111 @@
+"""`build --precision int8|fp8`: the float bundle first (built in the same pass, or found by its cache key), then
+each stage the recipe quantizes calibrated on it (`calib.quantize`), gated against it, and written into a new
+bundle beside it.
+
+One pass: the model is loaded and hashed once (by `build.build`), and each quantized stage is exported once: the
+float build keeps the raw export of the stages the recipe quantizes (the quantizer and TensorRT take the raw
+graph, not ONNX Runtime's optimised one); only a float bundle found in the cache needs them exported again.
+
+The float bundle stays at ``<out>-fp32`` (or ``--float-bundle DIR``): it is the accuracy reference
+(`python -m calib report`) and a usable bundle in its own right. The quantized bundle copies every float stage
+it does not quantize; its manifest (written by `build.manifest`, as every bundle's) records the recipe, its digest,
+the layers kept or moved back to float and the measured accuracy (`build.quantization`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import tempfile
+from pathlib import Path
+
+from metacanvas_deploy.calib.graph import external_data
+from metacanvas_deploy.calib.quantize import quantize_stage
+from metacanvas_deploy.calib.recipes import Recipe, default_recipe
+from metacanvas_deploy.mc_export import writer as w
+from metacanvas_deploy.mc_export.errors import ConfigError
+from metacanvas_deploy.mc_export.export.onnx_export import export_component
+from metacanvas_deploy.mc_export.stages import plan_stages, tensorrt_engine
+from metacanvas_deploy.runtime.bundle import load_bundle, write_bundle
+
+
+def float_bundle_path(cfg) -> Path:
+    """Where the float reference bundle is built (or found, by its cache key): ``--float-bundle`` (one float
+    bundle can serve an int8 and an fp8 build) or ``<out>-fp32``."""
+    return Path(cfg.float_bundle) if cfg.float_bundle else Path(cfg.out).with_name(Path(cfg.out).name + "-fp32")
+
+
+def recipe_for(cfg, model) -> Recipe:
+    """The build's recipe: the user's (--recipe FILE) or the backbone's default."""
+    if cfg.recipe is not None:
+        return cfg.recipe
+    layers = getattr(model.transformer.config, "num_layers", None)
+    return default_recipe(model.cfg.backbone, cfg.precision, num_layers=layers, target=cfg.target)
+
+
+def build_quantized(cfg, model, recipe: Recipe, ranges, steps: int, weights_digest: str, key: str, log) -> Path:
+    """Build ``cfg.out`` at ``cfg.precision`` (int8 / fp8) with ``recipe``: the float bundle (same model, same
+    pass), then each quantized stage from its one raw export."""
+    components = plan_stages(model, ranges)
+    missing = [s for s in recipe.stages if s not in components]
+    if missing:
+        raise ConfigError(f"recipe {recipe.name} quantizes {missing}, which a {model.cfg.backbone} bundle lacks")
+    float_cfg = dataclasses.replace(cfg, precision="fp32", recipe=None, float_bundle=None, out=float_bundle_path(cfg))
+    float_key = w.cache_key(float_cfg, model, ranges, steps, weights_digest)
+    with tempfile.TemporaryDirectory(prefix="calib-") as scratch:
+        scratch = Path(scratch)
+        if w.cached(float_cfg.out, float_key):
+            log(f"{float_cfg.out}: float bundle up to date (cache key {float_key[:12]})")
+            raws = {stage: _raw_export(components[stage], scratch, model) for stage in recipe.stages}
+        else:  # None: the bundle ships that stage's raw export as it is (a lazy stage too large to optimise)
+            raws = w.build_float(float_cfg, model, ranges, steps, float_key, log, raw_dir=scratch,
+                                 keep_raw=recipe.stages)
+        float_bundle = load_bundle(float_cfg.out)
+        raws = {stage: raw or float_bundle.engine_path(stage) for stage, raw in raws.items()}
+        log(f"quantizing {', '.join(recipe.stages)} to {recipe.format} ({recipe.name}, {recipe.digest()[:12]})")
+
+        def populate(tmp: Path):
+            m = float_bundle.manifest
+            engines, records = dict(m.engines), {}
+            for stage in recipe.stages:
+                q = quantize_stage(float_bundle.path, raws[stage], recipe, stage, scratch, log=log,
+                                   low_memory=getattr(model, "lazy_weights", None) is not None)
+                engines[stage] = _place_quantized(q, components[stage], m.engines[stage], tmp, cfg, log)
+                records[stage] = q.manifest_record(recipe)
+            replaced = {rel for stage in recipe.stages for rel in m.engines[stage].external_data}
+            files = {rel: "" for rel in m.files if rel not in replaced}
+            for rel in files:
+                shutil.copyfile(float_bundle.path / rel, tmp / rel)
+            for stage, entry in m.engines.items():
+                if stage not in recipe.stages:
+                    shutil.copyfile(float_bundle.path / entry.file, tmp / entry.file)
+            files.update({rel: "" for stage in recipe.stages for rel in engines[stage].external_data})
+            gates = dict(m.build.get("parity", {}))
+            gates.update({stage: "against the float bundle (build.quantization)" for stage in recipe.stages})
+            quantization = {"float_bundle": str(Path(float_cfg.out).resolve()), "float_cache_key": float_key,
+                            "stages": records}
+            return w.manifest(cfg, model, ranges, steps, key, engines, files, gates, quantization)
+
+        write_bundle(cfg.out, populate)
+    return Path(cfg.out)
+
+
+def _raw_export(comp, scratch: Path, model) -> Path:
+    """The stage's raw export, for a float bundle found in the cache (its files are ONNX Runtime's optimised
+    graphs)."""
+    raw = scratch / f"{comp.spec.stage}.raw.onnx"
+    export_component(comp, raw, weights=getattr(model, "lazy_weights", None))
+    return raw
+
+
+def _place_quantized(q, comp, float_entry, tmp: Path, cfg, log):
+    """The quantized stage into the bundle: TensorRT's explicit quantization takes the Q/DQ graph; ONNX Runtime
+    ships the optimised graph, integer kernels fused (named as the bundle names it)."""
+    if cfg.target == "tensorrt":
+        return tensorrt_engine(comp, q.qdq_path, tmp, cfg, log)[1]
+    shutil.copyfile(q.cpu_path, tmp / q.cpu_path.name)
+    data = external_data(q.cpu_path)
+    if data is not None:
+        shutil.copyfile(data, tmp / data.name)
+    return dataclasses.replace(float_entry, file=q.cpu_path.name, sha256="", size_bytes=0, precision=cfg.precision,
+                               external_data=(data.name,) if data is not None else ())
