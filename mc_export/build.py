@@ -65,6 +65,12 @@ class BuildConfig:
         if self.recipe is not None and getattr(self.recipe, "format", None) != self.precision:
             raise ConfigError(f"a {getattr(self.recipe, 'format', '?')} recipe cannot build --precision "
                               f"{self.precision}")
+        out = Path(self.out).resolve()
+        if self.checkpoint is not None:
+            ckpt = Path(self.checkpoint).resolve()
+            if out == ckpt or ckpt in out.parents or out in ckpt.parents:
+                raise ConfigError(f"--out {self.out} overlaps the checkpoint {self.checkpoint} the build reads; "
+                                  "a bundle goes in a folder of its own, outside the checkpoint")
         if self.float_bundle is not None and Path(self.float_bundle).resolve() == Path(self.out).resolve():
             raise ConfigError(f"--float-bundle and --out are both {self.out}: the quantized bundle would replace the "
                               "float bundle it is calibrated against; give them different folders")

@@ -7,7 +7,8 @@ Writing (`write_bundle(out_dir, populate)`), the guarantee: a reader of `out_dir
   1. Under an exclusive lock on `.<name>.lock` next to `out_dir` (POSIX `flock`; a second concurrent write to
      the same `out_dir` fails at once), temp dirs that earlier crashed writes left behind (`.<name>.tmp-*`)
      are deleted, and an old bundle that a crash left set aside (`.<name>.old-*`) is put back if `out_dir` is
-     missing. A directory that exists and is not a bundle (non-empty, no manifest.json) is never replaced.
+     missing. A directory that exists is replaced only if it is empty or a bundle holding nothing but what its
+     validated manifest lists (`_refuse_non_bundle`): never a checkpoint, a user's folder, or added user files.
   2. `populate(tmp)` writes the files into a fresh `.<name>.tmp-*` on the same filesystem and returns the
      manifest without hashes. Then every listed file is hashed (sha256 and size filled in), unlisted files and
      symlinks are refused, paths and ONNX external data are checked as the loader would, `manifest.json` is
@@ -41,7 +42,7 @@ from metacanvas_deploy.runtime.bundle_verify import (
     sha256_file,
     verify_files,
 )
-from metacanvas_deploy.runtime.errors import BundleFileError, BundleWriteError
+from metacanvas_deploy.runtime.errors import BundleError, BundleFileError, BundleWriteError
 from metacanvas_deploy.runtime.manifest import MANIFEST_NAME, Manifest
 
 __all__ = ["Bundle", "load_bundle", "load_manifest", "write_bundle", "sha256_file", "backend_compatible",
@@ -202,13 +203,30 @@ def _recover(out: Path) -> None:
 
 
 def _refuse_non_bundle(out: Path) -> None:
+    """``out`` may be replaced only when it is missing, empty, or a bundle written by `write_bundle` holding
+    nothing else: a manifest that validates (schema, format, sealed hashes) and no file it does not list. A
+    checkpoint, a user's folder or a bundle with the user's files added is never replaced."""
     if not os.path.lexists(out):
         return
-    if not out.is_dir():
+    if out.is_symlink() or not out.is_dir():
         raise BundleWriteError(f"{out} exists and is not a directory; refusing to replace it")
-    if any(out.iterdir()) and not (out / MANIFEST_NAME).is_file():
+    if not any(out.iterdir()):
+        return
+    advice = "Choose a new or empty --out, or move those files out yourself"
+    if not (out / MANIFEST_NAME).is_file():
         raise BundleWriteError(f"{out} exists, is not empty and has no {MANIFEST_NAME}: it is not a bundle, so "
-                               "it is not replaced. Choose a new or empty --out, or delete it yourself")
+                               f"it is not replaced. {advice}")
+    try:
+        manifest = read_manifest(out.resolve())
+        present = _regular_files(out)
+    except (BundleError, BundleWriteError) as e:
+        raise BundleWriteError(f"{out} holds a {MANIFEST_NAME} that is not a bundle's ({e}); it is not "
+                               f"replaced. {advice}") from None
+    foreign = sorted(present - {MANIFEST_NAME} - {rel for _, rel, _, _ in listed_files(manifest)})
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise BundleWriteError(f"{out} is a bundle but also holds files it does not list ({shown}); it is not "
+                               f"replaced. {advice}")
 
 
 def _fresh_dir(out: Path, kind: str) -> Path:

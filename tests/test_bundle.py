@@ -502,7 +502,7 @@ def test_rewrite_replaces_the_bundle(bundle: Path):
 
 
 def test_killed_write_leaves_old_bundle_and_next_write_cleans(bundle: Path):
-    code = ("import os, sys; sys.path.insert(0, sys.argv[1]); from runtime.bundle import write_bundle\n"
+    code = ("import os, sys; sys.path.insert(0, sys.argv[1]); from metacanvas_deploy.runtime.bundle import write_bundle\n"
             "def populate(tmp):\n    (tmp / 'den.onnx').write_bytes(b'partial')\n    os._exit(9)\n"
             "write_bundle(sys.argv[2], populate)\n")
     result = subprocess.run([sys.executable, "-c", code, str(REPO), str(bundle)], capture_output=True)

@@ -1,0 +1,101 @@
+"""Hostile and careless input, as a user would give it: nothing is lost, and every bad input is refused with one
+clear line before any work starts. One section per failure class; new features extend it.
+
+Oracle: the files a user had are still there byte for byte; the CLIs exit 2 with one `error:` line and no
+traceback; the API raises the package's own error type.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_bundle import populate_ok
+
+from metacanvas_deploy.mc_export.build import BuildConfig
+from metacanvas_deploy.mc_export.errors import ConfigError
+from metacanvas_deploy.runtime.bundle import load_bundle, write_bundle
+from metacanvas_deploy.runtime.errors import BundleWriteError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cli(module: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=REPO)
+
+
+def assert_one_line_error(res: subprocess.CompletedProcess, *words: str) -> None:
+    """Exit code 2, one `error:` line on stderr naming ``words``, no traceback."""
+    assert res.returncode == 2, (res.returncode, res.stderr[-2000:])
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert lines and lines[-1].startswith("error: "), res.stderr[-2000:]
+    for w in words:
+        assert w in lines[-1], (w, lines[-1])
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# --- nothing lost: a build writes only into a new or empty folder, or a bundle holding nothing else ----------
+
+def test_a_folder_with_a_file_named_manifest_json_is_not_a_bundle(tmp_path: Path):
+    out = tmp_path / "project"
+    out.mkdir()
+    (out / "manifest.json").write_text(json.dumps({"name": "my web app", "version": "1.0"}))
+    (out / "index.html").write_text("<html>precious</html>")
+    before = snapshot(out)
+    with pytest.raises(BundleWriteError, match="not a bundle's"):
+        write_bundle(out, populate_ok)
+    assert snapshot(out) == before
+
+
+def test_a_bundle_holding_the_users_files_is_not_replaced(tmp_path: Path):
+    out = tmp_path / "bundle"
+    write_bundle(out, populate_ok)
+    (out / "notes.txt").write_text("my measurements")
+    before = snapshot(out)
+    with pytest.raises(BundleWriteError, match="notes.txt"):
+        write_bundle(out, populate_ok)
+    assert snapshot(out) == before
+    (out / "notes.txt").unlink()
+    write_bundle(out, populate_ok)  # a bundle holding only its own files is replaced
+    load_bundle(out)
+
+
+def test_a_symlinked_out_is_not_followed(tmp_path: Path):
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (target / "keep.txt").write_text("x")
+    (tmp_path / "link").symlink_to(target)
+    with pytest.raises(BundleWriteError, match="not a bundle"):
+        write_bundle(tmp_path / "link", populate_ok)
+    assert (target / "keep.txt").read_text() == "x"
+
+
+@pytest.mark.parametrize("where", ["same", "inside", "around"])
+def test_build_never_writes_into_its_checkpoint(tmp_path: Path, where: str):
+    ckpt = tmp_path / "ckpt"
+    out = {"same": ckpt, "inside": ckpt / "bundle", "around": tmp_path}[where]
+    with pytest.raises(ConfigError, match="checkpoint"):
+        BuildConfig(out=out, checkpoint=ckpt).validate(gpu_available=False)
+
+
+def test_build_never_replaces_the_float_bundle_it_reads(tmp_path: Path):
+    with pytest.raises(ConfigError, match="float bundle"):
+        BuildConfig(out=tmp_path / "b", backbone="sana", precision="int8",
+                    float_bundle=tmp_path / "b").validate(gpu_available=False)
+
+
+def test_the_cli_refuses_a_checkpoint_as_out_in_one_line(tmp_path: Path):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "weights.safetensors").write_bytes(b"precious")
+    res = cli("mc_export", "build", "--checkpoint", str(ckpt), "--out", str(ckpt))
+    assert_one_line_error(res, "checkpoint")
+    assert (ckpt / "weights.safetensors").read_bytes() == b"precious"
