@@ -127,7 +127,7 @@ def _best_effort_hint(text: bytes, root: Path) -> str | None:
     try:
         obj = json.loads(text)
         backbone, preset = obj["backbone"], obj["preset"]
-    except (ValueError, TypeError, KeyError):
+    except (ValueError, TypeError, KeyError, RecursionError):
         return None
     if not all(isinstance(v, str) and re.fullmatch(r"[a-z_][a-z0-9_]*", v) for v in (backbone, preset)):
         return None

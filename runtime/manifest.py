@@ -20,6 +20,7 @@ from types import MappingProxyType
 from typing import Any, Mapping
 
 from metacanvas_deploy.runtime.errors import SchemaVersionError, ShapeError
+from metacanvas_deploy.runtime.limits import MAX_FRAMES, MAX_GUIDANCE, MAX_PROMPT_TOKENS, MAX_SIDE, MAX_STEPS
 from metacanvas_deploy.runtime.manifest_fields import (
     SCHEMA_VERSION,
     SYMBOL,
@@ -50,6 +51,7 @@ MULTIPLES = ("height", "width", "num_frames_minus_1")
 # The `python -m mc_export build` flag that sets each request range (as MIN:MAX).
 REBUILD_FLAGS = {"height": "--height", "width": "--width", "num_frames": "--frames", "prompt_tokens": "--prompt-tokens"}
 _VERSION = re.compile(r"\d+\.\d+")
+_RANGE_LIMITS = {"height": MAX_SIDE, "width": MAX_SIDE, "num_frames": MAX_FRAMES, "prompt_tokens": MAX_PROMPT_TOKENS}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -202,6 +204,25 @@ class Manifest:
         set_("ranges", self._checked_ranges())
         for key in ("scheduler", "canvas", "defaults", "build"):
             set_(key, freeze(check_mapping(getattr(self, key), key), key))
+        self._check_defaults()
+        plans = self.scheduler.get("plans", {})
+        for steps in check_mapping(plans, "scheduler.plans"):
+            if not (steps.isdigit() and 1 <= int(steps) <= MAX_STEPS):
+                raise fail(f"scheduler.plans.{steps}", f"expected a step count in 1..{MAX_STEPS}")
+
+    def _check_defaults(self) -> None:
+        """The request defaults the runtime falls back on: inside this bundle's ranges and the global bounds."""
+        d = self.defaults
+        for key in ("height", "width", "num_frames"):
+            lo, hi = self.ranges[key]
+            check_int(d.get(key), f"defaults.{key}", minimum=lo, maximum=hi)
+        check_int(d.get("num_inference_steps"), "defaults.num_inference_steps", minimum=1, maximum=MAX_STEPS)
+        guidance = d.get("guidance_scale")
+        if not (isinstance(guidance, (int, float)) and not isinstance(guidance, bool)
+                and 0.0 <= guidance <= MAX_GUIDANCE):
+            raise fail("defaults.guidance_scale", f"expected a number in 0..{MAX_GUIDANCE:g}, got {guidance!r}")
+        if not isinstance(d.get("negative_prompt"), str):
+            raise fail("defaults.negative_prompt", f"expected a string, got {d.get('negative_prompt')!r}")
 
     def _check_file_sets(self) -> None:
         engine_files = [e.file for e in self.engines.values()]
@@ -224,8 +245,9 @@ class Manifest:
         out = {}
         for key in REQUEST_RANGES:
             pair = check_sequence(self.ranges[key], f"ranges.{key}")
-            if len(pair) != 2 or not all(is_int(v) and v >= 1 for v in pair) or pair[0] > pair[1]:
-                raise fail(f"ranges.{key}", f"expected [min, max] with 1 <= min <= max, got {list(pair)!r}")
+            top = _RANGE_LIMITS[key]
+            if len(pair) != 2 or not all(is_int(v) and 1 <= v <= top for v in pair) or pair[0] > pair[1]:
+                raise fail(f"ranges.{key}", f"expected [min, max] with 1 <= min <= max <= {top}, got {list(pair)!r}")
             step, offset = self.step(key)
             if any((v - offset) % step for v in pair):
                 raise fail(f"ranges.{key}", f"{list(pair)} are not both {_step_text(step, offset, plural=True)}")
@@ -310,6 +332,8 @@ class Manifest:
         """Parse `manifest.json`. Duplicate keys, NaN/Infinity and trailing garbage are errors."""
         try:
             obj = json.loads(text, object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constant)
+        except RecursionError:
+            raise fail("", "manifest.json nests too deeply to be a manifest") from None
         except json.JSONDecodeError as e:
             raise fail("", f"manifest.json is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
         except UnicodeDecodeError as e:

@@ -14,6 +14,7 @@ from types import MappingProxyType
 from typing import Any, Mapping, Sequence
 
 from metacanvas_deploy.runtime.errors import BundleSecurityError, ManifestError
+from metacanvas_deploy.runtime.limits import MAX_JSON_DEPTH, MAX_JSON_INT
 
 SCHEMA_VERSION = 1
 SYMBOL = re.compile(r"[a-z_][a-z0-9_]*\Z")
@@ -41,9 +42,9 @@ def check_str(value: Any, name: str, *, pattern: re.Pattern | None = None, choic
     return value
 
 
-def check_int(value: Any, name: str, *, minimum: int = 0) -> int:
-    if not is_int(value) or value < minimum:
-        raise fail(name, f"expected an integer >= {minimum}, got {value!r}")
+def check_int(value: Any, name: str, *, minimum: int = 0, maximum: int = MAX_JSON_INT) -> int:
+    if not is_int(value) or not minimum <= value <= maximum:
+        raise fail(name, f"expected an integer in {minimum}..{maximum}, got {value!r}")
     return value
 
 
@@ -83,8 +84,13 @@ def check_relative_path(path: Any, name: str) -> str:
     return path
 
 
-def freeze(value: Any, name: str) -> Any:
-    """Deep-freeze a plain JSON value (dict -> read-only mapping, list -> tuple); refuse anything else."""
+def freeze(value: Any, name: str, depth: int = 0) -> Any:
+    """Deep-freeze a plain JSON value (dict -> read-only mapping, list -> tuple); refuse anything else, integers
+    past what JSON readers agree on, and nesting deeper than `MAX_JSON_DEPTH`."""
+    if depth > MAX_JSON_DEPTH:
+        raise fail(name, f"nests deeper than {MAX_JSON_DEPTH} levels")
+    if is_int(value) and abs(value) > MAX_JSON_INT:
+        raise fail(name, f"{value} is larger than an integer a manifest may hold (2^53)")
     if value is None or isinstance(value, (str, bool)) or is_int(value):
         return value
     if isinstance(value, float):
@@ -95,9 +101,9 @@ def freeze(value: Any, name: str) -> Any:
         for key in value:
             if not isinstance(key, str):
                 raise fail(name, f"object keys must be strings, got {key!r}")
-        return MappingProxyType({k: freeze(v, f"{name}.{k}") for k, v in value.items()})
+        return MappingProxyType({k: freeze(v, f"{name}.{k}", depth + 1) for k, v in value.items()})
     if isinstance(value, (list, tuple)):
-        return tuple(freeze(v, f"{name}[{i}]") for i, v in enumerate(value))
+        return tuple(freeze(v, f"{name}[{i}]", depth + 1) for i, v in enumerate(value))
     raise fail(name, f"expected a JSON value, got {type(value).__name__}")
 
 

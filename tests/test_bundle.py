@@ -69,7 +69,8 @@ def manifest(**overrides) -> Manifest:
                   ranges={"height": [256, 768], "width": [256, 768], "num_frames": [1, 1], "prompt_tokens": [1, 300]},
                   multiples={"height": 32, "width": 32, "num_frames_minus_1": 4},
                   scheduler={"name": "FlowMatchEuler", "shift": 3.0, "sigmas": [1.0, 0.5, 0.0], "plan": [[1, 2], []]},
-                  canvas={"grid": [16, 16]}, defaults={"steps": 20, "negative_prompt": "", "seed": None},
+                  canvas={"grid": [16, 16]}, defaults={"height": 512, "width": 512, "num_frames": 1, "num_inference_steps": 20,
+                            "guidance_scale": 4.5, "negative_prompt": "", "seed": None},
                   build={"cache_key": "abc", "created_at": "2026-11-23T00:00:00Z", "flags": [True, False]})
     return Manifest(**{**fields, **overrides})
 

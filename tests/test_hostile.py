@@ -13,12 +13,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_bundle import populate_ok
+from test_bundle import edit_manifest, populate_ok
 
 from metacanvas_deploy.mc_export.build import BuildConfig
 from metacanvas_deploy.mc_export.errors import ConfigError
 from metacanvas_deploy.runtime.bundle import load_bundle, write_bundle
-from metacanvas_deploy.runtime.errors import BundleWriteError
+from metacanvas_deploy.runtime.errors import BundleWriteError, ManifestError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -99,3 +99,40 @@ def test_the_cli_refuses_a_checkpoint_as_out_in_one_line(tmp_path: Path):
     res = cli("mc_export", "build", "--checkpoint", str(ckpt), "--out", str(ckpt))
     assert_one_line_error(res, "checkpoint")
     assert (ckpt / "weights.safetensors").read_bytes() == b"precious"
+
+
+# --- manifests: every field the runtime uses is typed and bounded before use -----------------------------------
+
+def _nested(depth: int):
+    value: object = 1
+    for _ in range(depth):
+        value = {"a": value}
+    return value
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda m: m["defaults"].update(num_inference_steps=10**9), "defaults.num_inference_steps"),
+    (lambda m: m["defaults"].update(num_inference_steps=True), "defaults.num_inference_steps"),
+    (lambda m: m["defaults"].update(height=4096), "defaults.height"),
+    (lambda m: m["defaults"].update(guidance_scale=1e300), "defaults.guidance_scale"),
+    (lambda m: m["defaults"].pop("negative_prompt"), "defaults.negative_prompt"),
+    (lambda m: m["ranges"].update(height=[32, 2**40]), "ranges.height"),
+    (lambda m: m["build"].update(huge=2**80), "build.huge"),
+    (lambda m: m["build"].update(deep=_nested(40)), "nests deeper"),
+    (lambda m: m["scheduler"].update(plans={"100000": {}}), "scheduler.plans"),
+    (lambda m: m["engines"]["denoiser"].update(size_bytes=2**60), "size_bytes"),
+])
+def test_a_manifest_with_unbounded_or_mistyped_values_is_refused(tmp_path: Path, edit, words):
+    out = tmp_path / "bundle"
+    write_bundle(out, populate_ok)
+    edit_manifest(out, edit)
+    with pytest.raises(ManifestError, match=words.replace(".", r"\.")):
+        load_bundle(out)
+
+
+def test_a_manifest_nested_past_the_parser_is_one_error(tmp_path: Path):
+    out = tmp_path / "bundle"
+    write_bundle(out, populate_ok)
+    (out / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ManifestError, match="nests too deeply"):
+        load_bundle(out)
