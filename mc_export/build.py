@@ -16,6 +16,7 @@ from metacanvas_deploy.mc_export.components.ranges import BuildRanges, default_r
 from metacanvas_deploy.mc_export.errors import BuildError, ConfigError
 from metacanvas_deploy.mc_export.quantized import build_quantized, recipe_for
 from metacanvas_deploy.mc_export.writer import build_float, cache_key, cached, gpu_identity, weights_hash
+from metacanvas_deploy.runtime.limits import MAX_FRAMES, MAX_PROMPT_TOKENS, MAX_SEED, MAX_SIDE, MAX_STEPS, check_int
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
 QUANTIZED = ("int8", "fp8")  # precisions built by calibration (calib/)
@@ -23,9 +24,6 @@ TARGETS = ("auto", "onnxruntime", "tensorrt")
 # What each target can build today; asking for anything else is a clear error that names what can. fp8 on
 # ONNX Runtime runs emulated (slower than fp32): it measures FP8 accuracy on a CPU; TensorRT runs it for real.
 SUPPORTED = {"onnxruntime": ("fp32", "int8", "fp8"), "tensorrt": ("fp32", "fp16", "bf16", "int8", "fp8")}
-# Image/video inputs per task: which stages a bundle needs beyond planner + denoise + vae_decoder.
-_NEEDS_VISION = {"edit", "i2v", "v2v", "r2v"}
-_NEEDS_VAE_ENCODER = {"edit", "i2v", "v2v", "r2v"}
 
 
 @dataclass(frozen=True)
@@ -58,6 +56,7 @@ class BuildConfig:
             raise ConfigError(f"unknown target {self.target!r}; expected one of {', '.join(TARGETS)}")
         if self.checkpoint is None and self.backbone is None:
             raise ConfigError("give --backbone (with an optional --preset) or --checkpoint DIR")
+        self._check_numbers()
         if self.lazy_weights not in ("auto", "on", "off"):
             raise ConfigError(f"lazy_weights must be auto, on or off, got {self.lazy_weights!r}")
         if self.lazy_weights == "on" and self.checkpoint is None:
@@ -88,6 +87,18 @@ class BuildConfig:
                              f"build: {', '.join(SUPPORTED[target])} ({target})")
         preset = self.preset if self.preset is not None or self.checkpoint is not None else "tiny"
         return dataclasses.replace(self, target=target, preset=preset)
+
+
+    def _check_numbers(self) -> None:
+        """Steps, seed and range overrides: integers inside the global bounds (`runtime.limits`); zero is never
+        "the default"."""
+        if self.steps is not None:
+            check_int("--steps", self.steps, 1, MAX_STEPS, ConfigError)
+        check_int("--seed", self.seed, 0, MAX_SEED, ConfigError)
+        limits = {"height": MAX_SIDE, "width": MAX_SIDE, "frames": MAX_FRAMES, "prompt_tokens": MAX_PROMPT_TOKENS}
+        for name, triple in self.range_overrides:
+            for value in triple:
+                check_int(f"--{name.replace('_', '-')}", value, 1, limits.get(name, MAX_SIDE), ConfigError)
 
 
 def _tensorrt_usable() -> bool:

@@ -92,6 +92,19 @@ def test_build_never_replaces_the_float_bundle_it_reads(tmp_path: Path):
                     float_bundle=tmp_path / "b").validate(gpu_available=False)
 
 
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(steps=0), "--steps must be in 1..1000, got 0"),
+    (dict(steps=10**7), "--steps must be in 1..1000"),
+    (dict(steps=2.5), "--steps must be an integer"),
+    (dict(seed=-1), "--seed must be in 0.."),
+    (dict(range_overrides=(("height", (0, 64, 128)),)), "--height must be in 1.."),
+    (dict(range_overrides=(("frames", (1, 9, 10**6)),)), "--frames must be in 1..4097"),
+])
+def test_build_numbers_are_bounded_before_any_work(tmp_path: Path, kwargs, words):
+    with pytest.raises(ConfigError, match=words.replace(".", r"\.").replace("-", r"\-")):
+        BuildConfig(out=tmp_path / "b", backbone="sana", **kwargs).validate(gpu_available=False)
+
+
 def test_the_cli_refuses_a_checkpoint_as_out_in_one_line(tmp_path: Path):
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
