@@ -3,22 +3,33 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from metacanvas_deploy.runtime.errors import MetaCanvasRuntimeError
+from metacanvas_deploy.runtime.errors import RuntimeInputError, run_cli
+from metacanvas_deploy.runtime.limits import MAX_FRAMES, check_int, max_threads
 
 
 def _generate(args) -> None:
-    from metacanvas_deploy.runtime.media import read_image, read_video, write_media
+    """Every input is checked before the bundle's engines are opened: numbers, the output path (suffix for the
+    request's frame count, a writable folder) and the media (size and frame count from headers and streaming
+    decode)."""
+    from metacanvas_deploy.runtime.bundle import load_manifest
+    from metacanvas_deploy.runtime.media import check_output, read_image, read_video, write_media
     from metacanvas_deploy.runtime.pipeline import Pipeline
 
+    if args.threads is not None:
+        check_int("--threads", args.threads, 1, max_threads(), RuntimeInputError)
+    manifest = load_manifest(args.bundle, verify_hashes=False)  # the JSON alone: cheap, checked again by load
+    frames = args.frames if args.frames is not None else manifest.defaults["num_frames"]
+    check_output(args.out, check_int("--frames", frames, 1, MAX_FRAMES, RuntimeInputError))
+    max_video = manifest.ranges["num_frames"][1]
+    image = read_image(args.image) if args.image else None
+    video = read_video(args.video, max_frames=max_video) if args.video else None
+    references = [read_image(r) for r in args.reference] or None
     pipe = Pipeline.load(args.bundle, threads=args.threads, low_memory=args.low_memory)
-    out = pipe(args.prompt, args.negative_prompt, task=args.task,
-               image=read_image(args.image) if args.image else None,
-               video=read_video(args.video) if args.video else None,
-               reference_images=[read_image(r) for r in args.reference] or None,
-               height=args.height, width=args.width, num_frames=args.frames, num_inference_steps=args.steps,
-               guidance_scale=args.guidance, true_cfg_scale=args.true_cfg, seed=args.seed, progress=True)
+    out = pipe(args.prompt, args.negative_prompt, task=args.task, image=image, video=video,
+               reference_images=references, height=args.height, width=args.width, num_frames=args.frames,
+               num_inference_steps=args.steps, guidance_scale=args.guidance, true_cfg_scale=args.true_cfg,
+               seed=args.seed, progress=True)
     write_media(args.out, out.frames)
     stages = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in out.timings.items())
     print(f"wrote {args.out} ({stages})")
@@ -49,10 +60,5 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help=".png for images, .mp4 or .gif for video")
     p.set_defaults(func=_generate)
     args = parser.parse_args(argv)
-    try:
-        args.func(args)
-    except MetaCanvasRuntimeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(lambda: args.func(args))
 

@@ -7,42 +7,114 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from metacanvas_deploy.runtime.errors import RuntimeInputError
+from metacanvas_deploy.runtime.limits import MAX_FRAMES, MAX_SIDE
+
+MAX_PIXELS = 64 * 2**20  # an input image or frame: 64 Mpixel (8192 x 8192), far beyond any bundle's sizes
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 VIDEO_SUFFIXES = (".mp4", ".gif")
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
-    """An image file as (H, W, 3) uint8 RGB; alpha and palette images are converted, not rejected."""
+def read_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """An image file as (H, W, 3) uint8 RGB, as a viewer shows it: EXIF orientation applied, 16-bit samples
+    scaled to 8 bits (not clipped), alpha and palette images converted (alpha dropped, as diffusers'
+    `load_image` does). The size is checked from the header, before the pixels are decoded."""
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
-    except (OSError, ValueError) as e:
-        raise RuntimeInputError(f"cannot read image {path}: {e}") from e
+            _check_size(path, im.size, max_pixels)
+            im = ImageOps.exif_transpose(im)
+            return _to_rgb8(path, im)
+    except Image.DecompressionBombError as e:
+        raise RuntimeInputError(f"cannot read image {path}: {e}") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise RuntimeInputError(f"cannot read image {path}: {e}") from None
 
 
-def read_video(path: str | os.PathLike, max_frames: int | None = None) -> np.ndarray:
-    """A video file (mp4, gif, or a folder of images) as (F, H, W, 3) uint8 RGB."""
+def _check_size(path, size: tuple[int, int], max_pixels: int) -> None:
+    w, h = size
+    if w < 1 or h < 1 or w > MAX_SIDE or h > MAX_SIDE or w * h > max_pixels:
+        raise RuntimeInputError(f"{path} is {w}x{h}: images and frames may be at most {MAX_SIDE} pixels a side "
+                                f"and {max_pixels} pixels in all; resize it first")
+
+
+def _to_rgb8(path, im: Image.Image) -> np.ndarray:
+    """Any Pillow mode as uint8 RGB without silent clipping: 16-bit integer samples keep their top 8 bits;
+    32-bit integer or float samples have no agreed range and are refused."""
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N"):
+        arr = np.asarray(im, dtype=np.uint16) >> 8  # (H, W) 16-bit grey
+        return np.repeat(arr.astype(np.uint8)[..., None], 3, axis=-1)
+    if im.mode in ("I", "F"):
+        raise RuntimeInputError(f"{path} holds {'32-bit integer' if im.mode == 'I' else 'floating-point'} samples "
+                                "(Pillow mode " + im.mode + "); convert it to 8-bit RGB first")
+    return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+
+
+def read_video(path: str | os.PathLike, max_frames: int = MAX_FRAMES, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """A video file (mp4, gif, or a folder of images) as (F, H, W, 3) uint8 RGB. Frames are decoded one at a
+    time: more than ``max_frames`` frames, or a frame larger than ``max_pixels``, is an error before the rest
+    is decoded."""
     path = Path(path)
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        frames = [read_image(p) for p in files[:max_frames]]
+        if len(files) > max_frames:
+            raise RuntimeInputError(f"video {path} has {len(files)} frames; at most {max_frames} are accepted")
+        frames = [read_image(p, max_pixels) for p in files]
     else:
-        import imageio.v3 as iio
-
-        try:
-            frames = [np.asarray(f)[..., :3] for f in iio.imiter(path)]
-        except (OSError, ValueError, RuntimeError) as e:
-            raise RuntimeInputError(f"cannot read video {path}: {e}") from e
-        frames = frames[:max_frames]
+        frames = _decode_video(path, max_frames, max_pixels)
     if not frames:
         raise RuntimeInputError(f"video {path} has no frames")
     if len({f.shape for f in frames}) != 1:
         raise RuntimeInputError(f"video {path} has frames of different sizes")
     return np.stack(frames).astype(np.uint8)
+
+
+def _decode_video(path: Path, max_frames: int, max_pixels: int) -> list[np.ndarray]:
+    import imageio.v3 as iio
+
+    frames: list[np.ndarray] = []
+    try:
+        for f in iio.imiter(path):
+            f = np.asarray(f)
+            if not frames:
+                _check_size(path, (f.shape[1], f.shape[0]), max_pixels)
+            if len(frames) == max_frames:
+                raise RuntimeInputError(f"video {path} has more than {max_frames} frames; give at most "
+                                        f"{max_frames}")
+            if f.dtype != np.uint8:
+                raise RuntimeInputError(f"video {path} has {f.dtype} samples; expected 8-bit video")
+            if f.ndim == 2:  # grey
+                f = np.repeat(f[..., None], 3, axis=-1)
+            frames.append(f[..., :3])
+    except RuntimeInputError:
+        raise
+    except (OSError, ValueError, RuntimeError, IndexError) as e:
+        raise RuntimeInputError(f"cannot read video {path}: {e}") from None
+    return frames
+
+
+def check_output(path: str | os.PathLike, frames: int) -> Path:
+    """Before any work: ``path`` has a suffix that can hold ``frames`` frames and its folder is writable (a
+    probe file is created and removed there). Returns the path."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in IMAGE_SUFFIXES + VIDEO_SUFFIXES:
+        raise RuntimeInputError(f"unsupported output {path.name!r}: use .png for images, .mp4 or .gif for video")
+    if suffix in IMAGE_SUFFIXES and frames != 1:
+        raise RuntimeInputError(f"{frames} frames cannot be written to {path.name}: use .mp4 or .gif")
+    if path.is_dir():
+        raise RuntimeInputError(f"output {path} is a directory; give a file name")
+    folder = path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise RuntimeInputError(f"cannot write to {folder}: {e.strerror or e}") from None
+    return path
 
 
 def write_media(path: str | os.PathLike, frames: np.ndarray, fps: int = 16) -> None:
@@ -56,12 +128,8 @@ def write_media(path: str | os.PathLike, frames: np.ndarray, fps: int = 16) -> N
         frames = frames[None]
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise RuntimeInputError(f"frames must be (F, H, W, 3) uint8, got {frames.shape} {frames.dtype}")
+    check_output(path, len(frames))
     suffix = path.suffix.lower()
-    if suffix not in IMAGE_SUFFIXES + VIDEO_SUFFIXES:
-        raise RuntimeInputError(f"unsupported output {path.name}: use .png for images, .mp4 or .gif for video")
-    if suffix in IMAGE_SUFFIXES and len(frames) != 1:
-        raise RuntimeInputError(f"{len(frames)} frames cannot be written to {path.name}: use .mp4 or .gif")
-    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=suffix, dir=path.parent)
     os.close(fd)
     try:

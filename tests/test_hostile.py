@@ -12,13 +12,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from test_bundle import edit_manifest, populate_ok
 
 from metacanvas_deploy.mc_export.build import BuildConfig
 from metacanvas_deploy.mc_export.errors import ConfigError
 from metacanvas_deploy.runtime.bundle import load_bundle, write_bundle
-from metacanvas_deploy.runtime.errors import BundleWriteError, ManifestError
+from metacanvas_deploy.runtime.errors import BundleWriteError, ManifestError, RuntimeInputError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -149,3 +150,96 @@ def test_a_manifest_nested_past_the_parser_is_one_error(tmp_path: Path):
     (out / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(ManifestError, match="nests too deeply"):
         load_bundle(out)
+
+
+# --- media: decoded as a viewer shows them, sized from headers before decoding -----------------------------------
+
+def _png_claiming(path: Path, width: int, height: int) -> None:
+    """A valid tiny PNG whose header claims ``width`` x ``height`` (CRC fixed): only a full decode would notice."""
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    Image.new("RGB", (2, 2)).save(path)
+    data = bytearray(path.read_bytes())
+    ihdr = data[12:29]  # b"IHDR" + 13 bytes
+    ihdr[4:12] = struct.pack(">II", width, height)
+    data[12:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(ihdr)))
+    path.write_bytes(bytes(data))
+
+
+def test_a_huge_image_is_refused_from_its_header(tmp_path: Path):
+    from metacanvas_deploy.runtime.media import read_image
+
+    _png_claiming(tmp_path / "big.png", 9000, 9000)  # past our 64 Mpixel bound, under Pillow's own
+    with pytest.raises(RuntimeInputError, match="is 9000x9000: images and frames may be at most"):
+        read_image(tmp_path / "big.png")
+    _png_claiming(tmp_path / "bomb.png", 100_000, 100_000)  # Pillow's decompression-bomb check, as our error
+    with pytest.raises(RuntimeInputError, match="cannot read image .*decompression bomb"):
+        read_image(tmp_path / "bomb.png")
+
+
+def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path: Path):
+    from PIL import Image
+
+    from metacanvas_deploy.runtime.media import read_image
+
+    grey = (np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16).astype(np.uint16)  # 0..65520
+    Image.fromarray(grey).save(tmp_path / "deep.png")
+    got = read_image(tmp_path / "deep.png")
+    assert np.array_equal(got, np.repeat((grey >> 8).astype(np.uint8)[..., None], 3, axis=-1))
+
+
+def test_exif_orientation_is_applied(tmp_path: Path):
+    from PIL import Image
+
+    from metacanvas_deploy.runtime.media import read_image
+
+    arr = np.zeros((20, 40, 3), np.uint8)
+    arr[:, :10] = 255  # a white band on the left of a landscape image
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    Image.fromarray(arr).save(tmp_path / "phone.jpg", exif=exif, quality=100)
+    got = read_image(tmp_path / "phone.jpg")
+    assert got.shape == (40, 20, 3)  # portrait, as a viewer shows it
+    assert got[:10].mean() > 200 and got[30:].mean() < 50  # the band is now on top
+
+
+def test_a_video_longer_than_allowed_stops_decoding_early(tmp_path: Path):
+    from PIL import Image
+
+    from metacanvas_deploy.runtime.media import read_video
+
+    frames = [Image.fromarray(np.full((8, 8), 10 * i, np.uint8)) for i in range(20)]
+    frames[0].save(tmp_path / "long.gif", save_all=True, append_images=frames[1:])
+    with pytest.raises(RuntimeInputError, match="more than 5 frames"):
+        read_video(tmp_path / "long.gif", max_frames=5)
+    video = read_video(tmp_path / "long.gif", max_frames=20)
+    assert video.shape == (20, 8, 8, 3)  # grey frames become RGB, not sliced
+
+
+@pytest.mark.parametrize("name, frames, words", [
+    ("out.txt", 1, "unsupported output"),
+    ("out.png", 9, "9 frames cannot be written"),
+    ("blocker/out.png", 1, "cannot write to"),
+])
+def test_outputs_are_checked_before_the_work(tmp_path: Path, name, frames, words):
+    from metacanvas_deploy.runtime.media import check_output
+
+    (tmp_path / "blocker").write_text("a file where a folder should be")
+    with pytest.raises(RuntimeInputError, match=words):
+        check_output(tmp_path / name, frames)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--out", "x.txt"], "unsupported output"),
+    (["--threads", "0"], "--threads must be in 1.."),
+    (["--image", "missing.png"], "cannot read image"),
+])
+def test_generate_refuses_bad_input_before_opening_engines(bundles, tmp_path: Path, args, words):
+    base = ["generate", "--bundle", str(bundles["sana"]), "--prompt", "a fox", "--out", str(tmp_path / "o.png")]
+    res = cli("runtime", *base, *[a if not a.endswith((".txt", ".png")) else str(tmp_path / a) for a in args],
+              timeout=120)
+    assert_one_line_error(res, words)
