@@ -250,7 +250,7 @@ def raw_step(components, tmp_path_factory):
 
     comp = components["sana"]["denoise"]
     path = tmp_path_factory.mktemp("trt_raw") / "denoise.onnx"
-    export_component(comp, path)
+    export_component(comp, path, fused_attention=False)  # as a TensorRT build exports
     return comp, path
 
 

@@ -16,6 +16,7 @@ import torch
 from metacanvas_deploy.calib.graph import TWO_GB
 from metacanvas_deploy.mc_export.components.spec import Component, Tolerance
 from metacanvas_deploy.mc_export.errors import ExportError, StageParityError
+from metacanvas_deploy.mc_export.export import attention
 from metacanvas_deploy.mc_export.models.lazy import buffers_on_meta
 
 OPSET = 20
@@ -34,9 +35,13 @@ def _quiet():
             logging.getLogger("torch.onnx").setLevel(level)
 
 
-def export_component(comp: Component, path: Path, opset: int = OPSET, weights=None) -> list[Path]:
+def export_component(comp: Component, path: Path, opset: int = OPSET, weights=None,
+                     fused_attention: bool = True) -> list[Path]:
     """Export ``comp`` to ``path`` (one graph covering every shape its spec allows). Returns the files written:
     the .onnx, plus ``<name>.data`` when the weights pass 2 GB (ONNX external data).
+
+    ``fused_attention``: unmasked attention as ONNX Runtime's fused `MultiHeadAttention` (memory linear in
+    tokens; `mc_export.export.attention`); False keeps the decomposed graph TensorRT fuses itself.
 
     ``weights`` (`mc_export.models.lazy.LazyWeights`): the module's parameters are on `meta`; the graph is
     traced from the structure alone and each weight is streamed from the checkpoint into the file as it is
@@ -56,12 +61,15 @@ def export_component(comp: Component, path: Path, opset: int = OPSET, weights=No
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.no_grad())
         stack.enter_context(export_patches())
+        if fused_attention:
+            stack.enter_context(attention.fused_attention())
         stack.enter_context(_quiet())
         stack.enter_context(torch._dynamo.config.patch(fake_tensor_cache_enabled=False))
         buffers = stack.enter_context(buffers_on_meta(module)) if weights is not None else {}
         program = torch.onnx.export(
             module, args, dynamo=True, input_names=spec.input_names, output_names=spec.output_names,
             dynamic_shapes=comp.export_dynamic_shapes(), opset_version=opset,
+            custom_translation_table=attention.TRANSLATIONS if fused_attention else None,
             # onnxscript's optimizer folds constants: it would read the (absent) meta weights
             optimize=spec.optimize and weights is None, external_data=n_bytes > TWO_GB, verbose=False)
         if weights is not None:
