@@ -1,24 +1,33 @@
 """One compiled stage, as the runtime calls it: checks every input against the manifest, runs, times.
 
+Every engine here may be called from several threads at once: `OrtEngine` because ONNX Runtime's
+`InferenceSession.run` is thread-safe (its counters take a lock), `OnDemandEngine` by a lock and a reference
+count (see its docstring), `runtime.trt_engine.TrtEngine` by serialising its calls. The counters (`seconds`,
+`calls`) add up over the engine's life; per-request figures are the pipeline's (`GenerationOutput.timings`).
+
 The ONNX Runtime backend lives here; the TensorRT backend (device buffers, CUDA graphs) is imported lazily
 by `load_engine` only for a TensorRT engine, so CPU users never need TensorRT installed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
 
-from metacanvas_deploy.runtime.errors import BundleError
+from metacanvas_deploy.runtime.bundle_verify import hash_all
+from metacanvas_deploy.runtime.errors import BundleError, BundleIntegrityError
 from metacanvas_deploy.runtime.manifest import EngineEntry
 
 
 class OrtEngine:
     """An ONNX Runtime session over one bundle engine. Inputs are checked against the manifest's specs (names,
-    dtypes, shapes within the build's ranges) before running; `seconds` accumulates wall time per call."""
+    dtypes, shapes within the build's ranges) before running; `seconds` accumulates wall time per call.
+    Thread-safe: ONNX Runtime runs concurrent `run` calls on one session; only the counters need a lock."""
 
     def __init__(self, path: Path, entry: EngineEntry, threads: int | None = None):
         import onnxruntime as ort
@@ -39,15 +48,23 @@ class OrtEngine:
             raise BundleError(f"{path.name} does not match its manifest entry: it takes {names[0]} -> {names[1]}, "
                               f"the manifest says {expected[0]} -> {expected[1]}; rebuild the bundle")
         self.output_names = expected[1]
+        self._counters = threading.Lock()
         self.seconds, self.calls = 0.0, 0
 
     def __call__(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.timed(feeds)[0]
+
+    def timed(self, feeds: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], float]:
+        """(outputs, seconds inside the session for this call): the figure a caller can call its own when other
+        threads use the engine too (input checks excluded)."""
         self.entry.check_inputs(feeds)
         start = time.perf_counter()
         outs = self.session.run(self.output_names, dict(feeds))
-        self.seconds += time.perf_counter() - start
-        self.calls += 1
-        return dict(zip(self.output_names, outs))
+        elapsed = time.perf_counter() - start
+        with self._counters:
+            self.seconds += elapsed
+            self.calls += 1
+        return dict(zip(self.output_names, outs)), elapsed
 
 
 def _open(path: Path, entry: EngineEntry, threads: int | None):
@@ -58,55 +75,136 @@ def _open(path: Path, entry: EngineEntry, threads: int | None):
     return OrtEngine(path, entry, threads)
 
 
-def load_engine(path: Path, entry: EngineEntry, threads: int | None = None, on_demand: bool = False):
+def load_engine(path: Path, entry: EngineEntry, threads: int | None = None, on_demand: bool = False,
+                expected: Mapping[Path, tuple[str, int | None]] | None = None, verify_hashes: bool = True):
     """The engine object for a manifest entry's backend (the manifest allows onnxruntime and tensorrt). A TensorRT
     engine imports tensorrt and cuda-python only here; without them it is a BundleError that says to run the
     bundle on an NVIDIA GPU with TensorRT or to rebuild it with --target onnxruntime. ``on_demand``: the
-    low-memory mode (`OnDemandEngine`)."""
+    low-memory mode (`OnDemandEngine`, which re-checks ``expected`` files at every open)."""
     if on_demand:
-        return OnDemandEngine(path, entry, threads)
+        return OnDemandEngine(path, entry, threads, expected, verify_hashes)
     return _open(path, entry, threads)
 
 
 class OnDemandEngine:
     """Low-memory mode (Jetson, where the GPU shares the board's RAM; full-size models on small CPUs): the engine
-    is opened at its first call and freed by `release()`, so a pipeline that releases each stage when it is done
+    is opened at its first use and freed by `release()`, so a pipeline that releases each stage when it is done
     holds one stage's weights and buffers at a time. Same interface as the engine it wraps; a TensorRT engine's
-    device identity is checked at construction, before anything is loaded."""
+    device identity is checked at construction, before anything is loaded.
 
-    def __init__(self, path: Path, entry: EngineEntry, threads: int | None = None):
+    Thread-safe by a lock and a reference count: every call, and every `hold()` block, counts as a user of the
+    open engine. `release()` frees it at once when nobody uses it, otherwise when the last user leaves; so a
+    `release()` from one thread never pulls the engine from under a call running in another, and a call after
+    a release opens it again.
+
+    ``expected`` (path -> (sha256, size or None), the engine file and its external data as the manifest lists
+    them): every open first re-checks those files, sizes always and sha256 unless ``verify_hashes`` is False,
+    and refuses a file that changed since the bundle was verified with a BundleIntegrityError. The check reads
+    the files once more per open (sha256 at ~1 GB/s per core); the file is then opened by path, so a change in
+    the instant between the check and the open is not seen (the hashes detect corruption and stale copies, not
+    an adversary: see `runtime.bundle_verify`). Without ``expected`` (an engine outside a bundle, e.g. a
+    calibration candidate) the caller vouches for the file."""
+
+    def __init__(self, path: Path, entry: EngineEntry, threads: int | None = None,
+                 expected: Mapping[Path, tuple[str, int | None]] | None = None, verify_hashes: bool = True):
         if entry.backend == "tensorrt":
             from metacanvas_deploy.runtime.trt_engine import check_device, device_identity
 
             check_device(entry.device or {}, device_identity(), entry.precision)
         self.path, self.entry, self.threads = Path(path), entry, threads
+        self._expected = dict(expected or {})
+        self._verify_hashes = verify_hashes
+        self._lock = threading.Lock()  # guards _engine, _users, _free_when_idle and the counters
         self._engine = None
+        self._users = 0
+        self._free_when_idle = False
         self.seconds, self.calls = 0.0, 0
 
     @property
     def loaded(self) -> bool:
         return self._engine is not None
 
-    def _timed(self, run, calls: int):
-        if self._engine is None:
-            self._engine = _open(self.path, self.entry, self.threads)
-        before = self._engine.seconds
-        out = run(self._engine)
-        self.seconds += self._engine.seconds - before
-        self.calls += calls
-        return out
+    def _enter(self):
+        with self._lock:
+            if self._engine is None:
+                check_unchanged(self._expected, self._verify_hashes, self.entry.stage)
+                self._engine = _open(self.path, self.entry, self.threads)
+            self._users += 1
+            return self._engine
+
+    def _leave(self) -> None:
+        with self._lock:
+            self._users -= 1
+            if self._users == 0 and self._free_when_idle:
+                self._close()
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[object]:
+        """The open engine (opened, files re-checked, if it is not), kept open at least until the block exits."""
+        engine = self._enter()
+        try:
+            yield engine
+        finally:
+            self._leave()
+
+    def _count(self, seconds: float, calls: int) -> None:
+        with self._lock:
+            self.seconds += seconds
+            self.calls += calls
 
     def __call__(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return self._timed(lambda e: e(feeds), 1)
+        return self.timed(feeds)[0]
+
+    def timed(self, feeds: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], float]:
+        """The wrapped engine's `timed` (opening it, if needed, is not counted)."""
+        with self.hold() as engine:
+            out, seconds = engine.timed(feeds)
+        self._count(seconds, 1)
+        return out, seconds
 
     def run_steps(self, feeds, state_names, per_step, use_cuda_graph: bool = True) -> dict[str, np.ndarray]:
         """TensorRT's device-resident step loop (`runtime.trt_engine.TrtEngine.run_steps`)."""
-        return self._timed(lambda e: e.run_steps(feeds, state_names, per_step, use_cuda_graph), len(per_step))
+        with self.hold() as engine:
+            start = time.perf_counter()
+            out = engine.run_steps(feeds, state_names, per_step, use_cuda_graph)
+            self._count(time.perf_counter() - start, len(per_step))
+        return out
 
     def release(self) -> None:
-        """Free the engine (its session, or its GPU memory); the next call opens it again."""
+        """Free the engine (its session, or its GPU memory) now if no call or `hold()` uses it, else when the
+        last one ends; the next call opens it again."""
+        with self._lock:
+            if self._users:
+                self._free_when_idle = True
+            else:
+                self._close()
+
+    def _close(self) -> None:
+        """Under the lock: free the engine."""
+        self._free_when_idle = False
         if self._engine is not None:
             close = getattr(self._engine, "close", None)
             if close is not None:
                 close()
             self._engine = None
+
+
+def check_unchanged(expected: Mapping[Path, tuple[str, int | None]], verify_hashes: bool, stage: str) -> None:
+    """Raise BundleIntegrityError unless every file still has its manifest size (and sha256)."""
+    for path, (_, size) in expected.items():
+        try:
+            got = path.stat().st_size
+        except OSError as e:
+            raise BundleIntegrityError(f"engine `{stage}`: {path} is gone since the bundle was loaded ({e}); "
+                                       "restore the bundle and load it again") from None
+        if size is not None and got != size:
+            raise BundleIntegrityError(f"engine `{stage}`: {path.name} is {got} bytes, the manifest says {size}: it "
+                                       "changed after the bundle was loaded. Restore the bundle (or rebuild it) "
+                                       "and load it again")
+    if verify_hashes and expected:
+        got = hash_all({str(p): p for p in expected})
+        bad = [p.name for p, (sha, _) in expected.items() if got[str(p)][0] != sha]
+        if bad:
+            raise BundleIntegrityError(f"engine `{stage}`: {', '.join(bad)} no longer hash to the manifest's sha256: "
+                                       "changed after the bundle was loaded (an edit, a partial copy, a disk "
+                                       "error). Restore the bundle (or rebuild it) and load it again")

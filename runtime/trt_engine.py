@@ -13,6 +13,7 @@ execute_async_v3(stream_handle). cuda-python 12.x runtime (nvidia.github.io/cuda
 from __future__ import annotations
 
 import functools
+import threading
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -108,10 +109,15 @@ def _nbytes(shape: Sequence[int], dtype: str) -> int:
 
 class TrtEngine:
     """A TensorRT engine over one bundle stage, with the interface of `runtime.engine.OrtEngine`: ``__call__``
-    (host arrays in and out), ``seconds``, ``calls``, ``entry``; plus `run_steps`, the step loop on the GPU.
+    (host arrays in and out), ``timed``, ``seconds``, ``calls``, ``entry``; plus `run_steps`, the step loop on the GPU.
 
     The device is checked against the manifest before deserializing; device buffers are allocated once per
-    input-shape signature (the last few are kept); everything runs on one CUDA stream. Not thread-safe."""
+    input-shape signature (the last few are kept); everything runs on one CUDA stream.
+
+    Thread-safe by serialising: the execution context, the bound shape signature, the buffers and the stream are
+    one state, so `__call__`, `run_steps` and `close` take one lock and concurrent callers wait their turn (the
+    seconds `timed` reports exclude that wait). Two requests run in parallel on a GPU with two engines, not
+    with one."""
 
     def __init__(self, path: Path, entry: EngineEntry):
         self._trt, self._cudart = import_backends()
@@ -127,6 +133,7 @@ class TrtEngine:
         self.stream = _ok(self._cudart.cudaStreamCreateWithFlags(self._cudart.cudaStreamNonBlocking))
         self._buffers: dict[tuple, dict[str, int]] = {}  # shape signature -> tensor name -> device pointer
         self._bound: tuple | None = None  # the signature whose shapes and addresses the context holds
+        self._lock = threading.Lock()  # one call at a time: see the class docstring
         self.seconds, self.calls = 0.0, 0
 
     def _check_io(self) -> None:
@@ -215,15 +222,21 @@ class TrtEngine:
     # running ---------------------------------------------------------------------------------------------------
     def __call__(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One engine call: inputs checked against the manifest, copied in, run, outputs copied out."""
+        return self.timed(feeds)[0]
+
+    def timed(self, feeds: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], float]:
+        """(outputs, seconds of this call under the lock: copies and run, not the input checks or the wait)."""
         self.entry.check_inputs(feeds)
-        start = time.perf_counter()
-        ptrs = self._bind({n: np.shape(a) for n, a in feeds.items()})
-        self._upload(ptrs, feeds)
-        self._execute()
-        out = self._download(ptrs, [s.name for s in self.entry.outputs])
-        self.seconds += time.perf_counter() - start
-        self.calls += 1
-        return out
+        with self._lock:
+            start = time.perf_counter()
+            ptrs = self._bind({n: np.shape(a) for n, a in feeds.items()})
+            self._upload(ptrs, feeds)
+            self._execute()
+            out = self._download(ptrs, [s.name for s in self.entry.outputs])
+            elapsed = time.perf_counter() - start
+            self.seconds += elapsed
+            self.calls += 1
+        return out, elapsed
 
     def run_steps(self, feeds: Mapping[str, np.ndarray], state_names: Mapping[str, str],
                   per_step: Sequence[Mapping[str, np.ndarray]], use_cuda_graph: bool = True) -> dict[str, np.ndarray]:
@@ -240,6 +253,12 @@ class TrtEngine:
         copy of that step's slot from the table. The host waits once, for the final outputs. A graph that cannot
         be captured falls back, with a warning, to the same loop without a graph: results are identical."""
         names = self._check_steps(feeds, state_names, per_step)
+        with self._lock:
+            return self._run_steps(feeds, state_names, per_step, use_cuda_graph, names)
+
+    def _run_steps(self, feeds, state_names, per_step, use_cuda_graph: bool,
+                   names: list[str]) -> dict[str, np.ndarray]:
+        """`run_steps` under the lock."""
         start = time.perf_counter()
         ptrs = self._bind({n: np.shape(a) for n, a in {**feeds, **per_step[0]}.items()})
         slot = {n: _nbytes(np.shape(per_step[0][n]), self.entry.spec(n).dtype) for n in names}
@@ -330,11 +349,13 @@ class TrtEngine:
             _ok(cudart.cudaGraphDestroy(graph))
 
     def close(self) -> None:
-        """Free the device buffers and the stream; the engine cannot be used afterwards."""
-        for ptrs in self._buffers.values():
-            self._free(ptrs)
-        self._buffers.clear()
-        if self.stream is not None:
-            _ok(self._cudart.cudaStreamDestroy(self.stream))
-            self.stream = None
-        self.context = self.engine = None
+        """Free the device buffers and the stream (after a call in flight ends); the engine cannot be used
+        afterwards."""
+        with self._lock:
+            for ptrs in self._buffers.values():
+                self._free(ptrs)
+            self._buffers.clear()
+            if self.stream is not None:
+                _ok(self._cudart.cudaStreamDestroy(self.stream))
+                self.stream = None
+            self.context = self.engine = None
