@@ -1,7 +1,7 @@
 """`latency`: one bundle through `runtime.Pipeline`, per stage and end to end, with peak memory and the runtime's
 own overhead. numpy + onnxruntime only (no torch).
 
-Per stage the figure is what the runtime's engines report (`Engine.seconds` / `.calls`, reset per request):
+Per stage the figure is what the runtime reports per request (`GenerationOutput.timings` / `.calls`):
 the planner per request (its graph includes canvas preparation: "planner+canvas"), the denoise step per call
 (the request's step time / steps), every other stage per request (the Wan VAE streams several calls into one
 figure). The runtime overhead is the request's wall time minus the time inside engines: host-side input
@@ -67,7 +67,7 @@ def _one_request(pipe, call, clock: _LoopClock, seed: int) -> dict:
     """One timed request: seconds inside each engine, its call counts, the wall time ("total") and the step
     loop's wall time ("loop")."""
     out = call(seed)
-    calls = {stage: e.calls for stage, e in pipe.engines.items() if e.calls}
+    calls = dict(out.calls)  # this request's engine calls per stage
     return {"timings": dict(out.timings), "calls": calls, "loop": clock.last_s}
 
 

@@ -1,8 +1,8 @@
 """`sweep`: denoise-step latency against the number of latent tokens, over sizes inside a bundle's ranges.
 
 Each point's step inputs are the ones the runtime itself feeds: one 1-step request runs through
-`runtime.Pipeline` with the denoise engine wrapped to keep its first feeds, then that engine is timed on them
-alone. numpy + onnxruntime only (matplotlib for the plot, imported when plotting).
+`runtime.Pipeline`, observed (`Pipeline.observe`) to keep the denoise engine's first feeds, then that engine is
+timed on them alone. numpy + onnxruntime only (matplotlib for the plot, imported when plotting).
 """
 
 from __future__ import annotations
@@ -72,29 +72,19 @@ def sweep_points(ranges, multiples, defaults, count: int) -> list[tuple[int, int
     return sorted(points, key=lambda p: (p[2], p[0] * p[1]))
 
 
-class _FirstFeeds:
-    """Stands in for an engine inside a `Pipeline` for one request: forwards every call and keeps a copy of
-    the first call's feeds. Has the `seconds`/`calls` the pipeline resets and reads."""
-
-    def __init__(self, engine):
-        self.engine, self.feeds, self.seconds, self.calls = engine, None, 0.0, 0
-
-    def __call__(self, feeds):
-        if self.feeds is None:
-            self.feeds = {k: np.array(v, copy=True) for k, v in feeds.items()}
-        return self.engine(feeds)
-
-
 def step_feeds(pipe, task: str, height: int, width: int, num_frames: int) -> dict[str, np.ndarray]:
-    """The denoise engine's inputs of the first step of a request at this size, as the runtime builds them."""
-    recorder = _FirstFeeds(pipe.engines["denoise"])
-    pipe.engines["denoise"] = recorder
-    try:
+    """The denoise engine's inputs of the first step of a request at this size, as the runtime builds them
+    (seen through `Pipeline.observe`)."""
+    first: list[dict[str, np.ndarray]] = []
+
+    def keep_first(feeds, outputs) -> None:
+        if not first:
+            first.append({k: np.array(v, copy=True) for k, v in feeds.items()})
+
+    with pipe.observe("denoise", keep_first):
         pipe(DEFAULT_PROMPT, task=task, height=height, width=width, num_frames=num_frames, num_inference_steps=1,
              **synthetic_media(task, height, width, num_frames))
-    finally:
-        pipe.engines["denoise"] = recorder.engine
-    return recorder.feeds
+    return first[0]
 
 
 def run_sweep(cfg: SweepConfig, log=print) -> dict:

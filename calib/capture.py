@@ -81,33 +81,21 @@ class FeedStore(Sequence):
                 for name, file in self._calls[index].items()}
 
 
-class _Recorder:
-    """Wraps an engine; appends every call's feeds to ``sink`` (a list or a `FeedStore`)."""
-
-    def __init__(self, engine, sink):
-        self.engine, self.sink = engine, sink
-
-    def __getattr__(self, name):
-        return getattr(self.engine, name)
-
-    def __call__(self, feeds):
-        self.sink.append(dict(feeds))
-        return self.engine(feeds)
-
-
-def run(pipe, req: CalibRequest, steps: int, stage: str | None = None, sink=None):
-    """One request through ``pipe`` at the bundle's default size; with ``stage``/``sink``, that engine's feeds
-    are appended to ``sink``. Returns the generation output."""
+def run(pipe, req: CalibRequest, steps: int, stage: str | None = None, sink=None, engines=None):
+    """One request through ``pipe`` at the bundle's default size; with ``stage``/``sink``, the feeds of every call
+    of that engine are appended to ``sink`` (through `Pipeline.observe`: run no other request on ``pipe``
+    meanwhile, or its calls are captured too). ``engines``: stage -> engine substituted for this request
+    (`Pipeline.__call__`). Returns the generation output."""
     d = pipe.manifest.defaults
-    engine = pipe.engines.get(stage) if stage else None
-    if engine is not None:
-        pipe.engines[stage] = _Recorder(engine, sink)
-    try:
-        return pipe(req.prompt, task=req.task, num_inference_steps=steps, seed=req.seed,
-                    **synthetic_media(req.task, d["height"], d["width"], d["num_frames"], req.seed))
-    finally:
-        if engine is not None:
-            pipe.engines[stage] = engine
+    media = synthetic_media(req.task, d["height"], d["width"], d["num_frames"], req.seed)
+
+    def generate():
+        return pipe(req.prompt, task=req.task, num_inference_steps=steps, seed=req.seed, engines=engines, **media)
+
+    if not stage or stage not in pipe.engines:
+        return generate()
+    with pipe.observe(stage, lambda feeds, outputs: sink.append(dict(feeds))):
+        return generate()
 
 
 def capture(pipe, stage: str, reqs: list[CalibRequest], steps: int,

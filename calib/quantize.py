@@ -277,7 +277,9 @@ def prepare(raw: Path, out: Path, recipe: Recipe, feeds: Sequence[dict]) -> tupl
 
 def evaluate(pipe, stage: str, candidate, held_feeds: Sequence[dict], held_reqs, float_frames, steps: int,
              threads: int | None) -> StageMetrics:
-    """Swap ``candidate`` (an ORT model path) in for the bundle's ``stage`` engine and measure it."""
+    """Measure ``candidate`` (an ORT model path) against the bundle's ``stage`` engine: per call on the held-out
+    feeds, then end to end with the candidate substituted for ``stage`` in each request (`Pipeline.__call__`'s
+    ``engines=``; the pipeline itself is left as it was)."""
     from metacanvas_deploy.runtime.engine import load_engine
 
     float_engine = pipe.engines[stage]
@@ -287,11 +289,11 @@ def evaluate(pipe, stage: str, candidate, held_feeds: Sequence[dict], held_reqs,
     for f in held_feeds:
         c, r = update_cosine(f, quant(f)["next_sample"], float_engine(f)["next_sample"])
         cos, rel = min(cos, c), max(rel, r)
-    pipe.engines[stage] = quant
-    try:
-        values = [psnr(cap.run(pipe, req, steps).frames, ref) for req, ref in zip(held_reqs, float_frames)]
-    finally:
-        pipe.engines[stage] = float_engine
+    if pipe.low_memory:  # one stage resident at a time: the requests below open what they use
+        float_engine.release()
+        quant.release()
+    values = [psnr(cap.run(pipe, req, steps, engines={stage: quant}).frames, ref)
+              for req, ref in zip(held_reqs, float_frames)]
     return StageMetrics(values, cos, rel)
 
 
