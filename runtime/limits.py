@@ -43,8 +43,9 @@ def check_int(name: str, value, lo: int, hi: int, error: type[Exception]) -> int
 
 
 def check_real(name: str, value, lo: float, hi: float, error: type[Exception]) -> float:
-    """``value`` as a finite float in [lo, hi], or ``error`` naming ``name``."""
-    if isinstance(value, bool):
+    """``value`` as a finite float in [lo, hi], or ``error`` naming ``name``. Bools and strings are refused
+    ("7" is a typo'd call, not a number), numpy floats accepted."""
+    if isinstance(value, (bool, str, bytes)):
         raise error(f"{name} must be a number in {lo:g}..{hi:g}, got {value!r}")
     try:
         value = float(value)
@@ -52,4 +53,28 @@ def check_real(name: str, value, lo: float, hi: float, error: type[Exception]) -
         raise error(f"{name} must be a number in {lo:g}..{hi:g}, got {value!r}") from None
     if not math.isfinite(value) or not lo <= value <= hi:
         raise error(f"{name} must be a finite number in {lo:g}..{hi:g}, got {value!r}")
+    return value
+
+
+MAX_PROMPT_CHARS = 100_000  # far past what any tokenizer window holds; refused before tokenizing
+
+
+def check_prompt(name: str, value, allow_empty: bool) -> str:
+    """A prompt as text the tokenizer can take: a str, encodable as UTF-8 (no lone surrogates, as undecodable
+    command-line bytes become), no NUL, at most `MAX_PROMPT_CHARS`; non-blank unless ``allow_empty``."""
+    from metacanvas_deploy.runtime.errors import RuntimeInputError
+
+    if not isinstance(value, str):
+        raise RuntimeInputError(f"{name} must be a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise RuntimeInputError(f"{name} must be a non-empty string")
+    if len(value) > MAX_PROMPT_CHARS:
+        raise RuntimeInputError(f"{name} has {len(value)} characters; at most {MAX_PROMPT_CHARS} are accepted")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RuntimeInputError(f"{name} is not valid text: character {e.start} cannot be encoded as UTF-8 "
+                                "(undecodable bytes?)") from None
+    if "\x00" in value:
+        raise RuntimeInputError(f"{name} contains a NUL character")
     return value

@@ -34,6 +34,17 @@ from metacanvas_deploy.runtime.backbones.common import RequestContext, denoise_s
 from metacanvas_deploy.runtime.bundle import Bundle, load_bundle
 from metacanvas_deploy.runtime.engine import load_engine
 from metacanvas_deploy.runtime.errors import RuntimeInputError
+from metacanvas_deploy.runtime.limits import (
+    MAX_FRAMES,
+    MAX_GUIDANCE,
+    MAX_SEED,
+    MAX_SIDE,
+    MAX_STEPS,
+    check_int,
+    check_prompt,
+    check_real,
+    max_threads,
+)
 from metacanvas_deploy.runtime.planning import Planner
 from metacanvas_deploy.runtime.request import GenerationOutput, PlannerResult, Request
 from metacanvas_deploy.runtime.schedulers import SchedulePlan
@@ -63,6 +74,7 @@ class Pipeline:
 
     def __init__(self, bundle: Bundle, threads: int | None = None, low_memory: bool = False,
                  verify_hashes: bool = True):
+        _check_threads(threads)
         self.bundle = bundle
         m = self.manifest = bundle.manifest
         self.low_memory = low_memory
@@ -79,6 +91,7 @@ class Pipeline:
              low_memory: bool = False) -> Pipeline:
         """Verify the bundle (manifest, hashes, backend versions, paths) and open its engines (``low_memory``:
         open each when its stage runs)."""
+        _check_threads(threads)  # before hashing the bundle
         return cls(load_bundle(bundle_dir, verify_hashes=verify_hashes), threads, low_memory, verify_hashes)
 
     # hooks for calibration and benchmarks ---------------------------------------------------------------------
@@ -148,20 +161,29 @@ class Pipeline:
 
     def _request(self, prompt, negative_prompt, task, image, video, reference_images, height, width, num_frames,
                  steps, guidance, true_cfg, seed, latents) -> Request:
+        """Every input typed, finite and bounded before any work; None means the bundle's default, zero never
+        does. One `RuntimeInputError` (or `ShapeError`) names the input, what came and what is allowed."""
         m, d = self.manifest, self.manifest.defaults
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise RuntimeInputError("prompt must be a non-empty string")
+        prompt = check_prompt("prompt", prompt, allow_empty=False)
+        negative = check_prompt("negative_prompt", d["negative_prompt"] if negative_prompt is None
+                                else negative_prompt, allow_empty=True)
         task = task or self.backbone.infer_task(image, video, reference_images)
         if task not in m.tasks:
             raise RuntimeInputError(f"task {task!r} is not in this bundle; it serves {', '.join(m.tasks)}")
-        req = Request(task=task, prompt=prompt, negative_prompt=d["negative_prompt"] if negative_prompt is None
-                      else negative_prompt, height=height or d["height"], width=width or d["width"],
-                      num_frames=num_frames or d["num_frames"], num_inference_steps=steps or d["num_inference_steps"],
-                      guidance_scale=d["guidance_scale"] if guidance is None else float(guidance),
-                      true_cfg_scale=float(true_cfg), seed=int(seed), image=image, video=video,
+
+        def given(name, value, default, hi):
+            return check_int(name, default if value is None else value, 1, hi, RuntimeInputError)
+
+        req = Request(task=task, prompt=prompt, negative_prompt=negative,
+                      height=given("height", height, d["height"], MAX_SIDE),
+                      width=given("width", width, d["width"], MAX_SIDE),
+                      num_frames=given("num_frames", num_frames, d["num_frames"], MAX_FRAMES),
+                      num_inference_steps=given("num_inference_steps", steps, d["num_inference_steps"], MAX_STEPS),
+                      guidance_scale=check_real("guidance_scale", d["guidance_scale"] if guidance is None
+                                                else guidance, 0.0, MAX_GUIDANCE, RuntimeInputError),
+                      true_cfg_scale=check_real("true_cfg_scale", true_cfg, 0.0, MAX_GUIDANCE, RuntimeInputError),
+                      seed=check_int("seed", seed, 0, MAX_SEED, RuntimeInputError), image=image, video=video,
                       reference_images=reference_images, latents=latents)
-        if req.num_inference_steps < 1:
-            raise RuntimeInputError(f"num_inference_steps must be >= 1, got {req.num_inference_steps}")
         self.bundle.check_request(req.height, req.width, req.num_frames)
         return self.backbone.check(m, req)
 
@@ -234,3 +256,8 @@ def _progress(steps: list, show: bool) -> Iterator:
     from tqdm import tqdm
 
     return iter(tqdm(steps, desc="denoising", unit="step"))
+
+
+def _check_threads(threads) -> None:
+    if threads is not None:
+        check_int("threads", threads, 1, max_threads(), RuntimeInputError)

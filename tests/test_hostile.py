@@ -243,3 +243,47 @@ def test_generate_refuses_bad_input_before_opening_engines(bundles, tmp_path: Pa
     res = cli("runtime", *base, *[a if not a.endswith((".txt", ".png")) else str(tmp_path / a) for a in args],
               timeout=120)
     assert_one_line_error(res, words)
+
+
+# --- requests: typed, finite, bounded; zero is never "the default" ----------------------------------------------
+
+@pytest.fixture(scope="module")
+def sana(bundles):
+    from metacanvas_deploy.runtime.pipeline import Pipeline
+
+    return Pipeline.load(bundles["sana"])
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(height=0), "height must be in 1.."),
+    (dict(width=-64), "width must be in 1.."),
+    (dict(num_inference_steps=0), "num_inference_steps must be in 1..1000, got 0"),
+    (dict(num_inference_steps=10**9), "num_inference_steps must be in 1..1000"),
+    (dict(num_inference_steps=2.5), "num_inference_steps must be an integer"),
+    (dict(num_inference_steps=True), "num_inference_steps must be an integer"),
+    (dict(guidance_scale=float("nan")), "guidance_scale must be a finite number"),
+    (dict(guidance_scale=float("inf")), "guidance_scale must be a finite number"),
+    (dict(guidance_scale="7"), "guidance_scale must be a number"),
+    (dict(true_cfg_scale=-1.0), "true_cfg_scale must be a finite number"),
+    (dict(seed=-1), "seed must be in 0.."),
+    (dict(seed=2**70), "seed must be in 0.."),
+    (dict(seed="0"), "seed must be an integer"),
+    (dict(prompt="\udcff broken bytes"), "cannot be encoded as UTF-8"),
+    (dict(prompt="x" * 200_000), "at most 100000"),
+    (dict(prompt=b"a fox"), "prompt must be a string"),
+    (dict(negative_prompt=3), "negative_prompt must be a string"),
+])
+def test_a_bad_request_is_refused_before_any_engine_runs(sana, kwargs, words):
+    kwargs = {"prompt": "a fox", **kwargs}
+    before = {s: e.calls for s, e in sana.engines.items()}
+    with pytest.raises(RuntimeInputError, match=words):
+        sana(**kwargs)
+    assert {s: e.calls for s, e in sana.engines.items()} == before  # no work started
+
+
+def test_threads_are_bounded(bundles):
+    from metacanvas_deploy.runtime.pipeline import Pipeline
+
+    for threads in (0, -2, 10**6, 1.5):
+        with pytest.raises(RuntimeInputError, match="threads must be"):
+            Pipeline.load(bundles["sana"], threads=threads)
