@@ -3,6 +3,7 @@ on held-out prompts and seeds (per quantized stage, then end to end), beside wha
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +20,22 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / denom) if denom > 0 else float(np.array_equal(a, b))
 
 
-def report(bundle: str | Path, float_bundle: str | Path | None = None, threads: int | None = None) -> list[str]:
-    """Lines of a Markdown report. The float bundle defaults to the one the build recorded."""
+@dataclass(frozen=True)
+class Report:
+    """A quantized bundle measured against its float bundle: the Markdown lines, and every budget it misses
+    (empty: it meets them all)."""
+
+    lines: list[str]
+    misses: list[str]
+
+    @property
+    def passed(self) -> bool:
+        return not self.misses
+
+
+def report(bundle: str | Path, float_bundle: str | Path | None = None, threads: int | None = None) -> Report:
+    """Measure ``bundle`` now against its float bundle (default: the one the build recorded) on held-out
+    prompts and seeds, per quantized stage (update cosine) and end to end (PSNR), against the recipe's budget."""
     from metacanvas_deploy.runtime.pipeline import Pipeline
 
     pipe = Pipeline.load(bundle, threads=threads)
@@ -42,27 +57,40 @@ def report(bundle: str | Path, float_bundle: str | Path | None = None, threads: 
     reqs = cap.requests(tuple(pipe.manifest.tasks), recipe.held_out_prompts, recipe.held_out_seeds, "held_out")
     steps = recipe.evaluation_steps
     lines += ["| stage | output | cosine | max-rel |", "|---|---|---|---|"]
+    misses = []
     for stage in stages:
-        feeds = cap.capture(ref, stage, reqs[:1], steps)
-        worst: dict[str, tuple[float, float]] = {}
-        for f in feeds:
-            ours, theirs = pipe.engines[stage](f), ref.engines[stage](f)
-            for name in ours:
-                if name == "next_sample":
-                    c, r = update_cosine(f, ours[name], theirs[name])
-                else:
-                    c = _cosine(ours[name], theirs[name])
-                    r = float(np.max(np.abs(ours[name] - theirs[name])) / max(1e-12, np.max(np.abs(theirs[name]))))
-                old = worst.get(name, (1.0, 0.0))
-                worst[name] = (min(old[0], c), max(old[1], r))
+        worst = _stage_worst(pipe, ref, stage, reqs[:1], steps)
         lines += [f"| {stage} | {n}{' (update)' if n == 'next_sample' else ''} | {c:.6f} | {r:.3e} |"
                   for n, (c, r) in worst.items()]
+        cosine = min(c for c, _ in worst.values())
+        budget = Recipe.from_json(stages[stage]["recipe"]).budget.min_stage_cosine
+        if cosine < budget:
+            misses.append(f"stage {stage}: cosine {cosine:.6f} < budget {budget}")
     values = [psnr(cap.run(pipe, r, steps).frames, cap.run(ref, r, steps).frames) for r in reqs]
     b = recipe.budget
     mean = float(np.mean(values))
     verdict = "meets" if mean >= b.min_psnr_db else f"misses by {b.min_psnr_db - mean:.2f} dB"
+    if mean < b.min_psnr_db:
+        misses.append(f"end to end: mean PSNR {mean:.2f} dB < budget {b.min_psnr_db} dB")
     lines += ["", f"End to end, {len(reqs)} held-out requests ({steps} steps): PSNR mean {mean:.2f} dB, min "
               f"{min(values):.2f} dB; budget {b.min_psnr_db} dB: {verdict}.",
               "Recorded at build time: " + ", ".join(f"{s}: {r['metrics']['mean_psnr_db']:.2f} dB, cosine "
                                                      f"{r['metrics']['stage_cosine']:.6f}" for s, r in stages.items())]
-    return lines
+    return Report(lines, misses)
+
+
+def _stage_worst(pipe, ref, stage: str, reqs, steps: int) -> dict[str, tuple[float, float]]:
+    """Per output of ``stage``: the worst (cosine, max-rel) of the quantized engine against the float one on
+    the float pipeline's own inputs (the update's cosine for the step's next sample)."""
+    worst: dict[str, tuple[float, float]] = {}
+    for f in cap.capture(ref, stage, reqs, steps):
+        ours, theirs = pipe.engines[stage](f), ref.engines[stage](f)
+        for name in ours:
+            if name == "next_sample":
+                c, r = update_cosine(f, ours[name], theirs[name])
+            else:
+                c = _cosine(ours[name], theirs[name])
+                r = float(np.max(np.abs(ours[name] - theirs[name])) / max(1e-12, np.max(np.abs(theirs[name]))))
+            old = worst.get(name, (1.0, 0.0))
+            worst[name] = (min(old[0], c), max(old[1], r))
+    return worst
