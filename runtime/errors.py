@@ -84,11 +84,6 @@ class SchedulerConfigError(MetaCanvasRuntimeError, ValueError):
     an unknown scheduler class, an option outside the parity-tested set, a missing FLUX image_seq_len."""
 
 
-class SchedulerStepError(MetaCanvasRuntimeError, ValueError):
-    """`Stepper.step` called out of order (UniPC's multistep history would be wrong) or with an index outside
-    the plan; call `reset()` and step 0..N-1 in order."""
-
-
 def run_cli(call, errors: tuple[type[BaseException], ...] = (MetaCanvasRuntimeError,)) -> int:
     """Run a CLI command: ``errors`` (the ones raised on purpose) become one line on stderr and exit code 2;
     anything else is a bug and keeps its traceback. Returns the exit code."""

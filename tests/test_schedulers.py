@@ -1,6 +1,7 @@
 """runtime.schedulers against diffusers' own schedulers, set up exactly as WanPipeline, FluxKontextPipeline and
 SanaPipeline set them up, driven with the same model: v = f(x), a fixed random affine map, so a step's error
-feeds into the next model output and UniPC's history matters.
+feeds into the next model output and UniPC's history matters. The plan is stepped on the host by the tests' own
+numpy stepper (tests/scheduler_stepper.py): the table's algebra, which every step graph applies in the graph.
 
 Tolerances (max |ours - diffusers| / max |diffusers| over every intermediate sample):
 - FlowMatchEuler: bit-exact. The plan stores diffusers' float32 sigmas and dt, and x + dt * v rounds the same.
@@ -8,7 +9,7 @@ Tolerances (max |ours - diffusers| / max |diffusers| over every intermediate sam
   <= 2e-15 over orders 1-3 and 1-50 steps: the coefficient formulation is the same algebra, not an approximation.
 - UniPC, float32: <= 2e-6. diffusers computes log-SNRs, h and expm1 in float32 from float32 sigmas (|lambda| up
   to 14, so h carries ~1e-6 absolute error); we compute them in float64 and round each coefficient once.
-  Measured 5e-8 (2 steps) to 8.5e-7 (50 steps, order 3 with corrector disabled); FINDINGS saw ~4e-7.
+  Measured 5e-8 (2 steps) to 8.5e-7 (50 steps, order 3 with corrector disabled).
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 from diffusers.pipelines.flux.pipeline_flux_kontext import calculate_shift as flux_calculate_shift
 from diffusers.pipelines.flux.pipeline_flux_kontext import retrieve_timesteps as flux_retrieve_timesteps
 from diffusers.pipelines.sana.pipeline_sana import retrieve_timesteps as sana_retrieve_timesteps
+from scheduler_stepper import StepOrderError, Stepper, step_update
 
 from metacanvas_deploy.mc_export.models.presets import _FLUX_EULER, _SANA_EULER, _UNIPC_FLOW
-from metacanvas_deploy.runtime.errors import ManifestError, SchedulerConfigError, SchedulerStepError, ShapeError
-from metacanvas_deploy.runtime.schedulers import SchedulePlan, Stepper, calculate_shift, make_plan, step_update
+from metacanvas_deploy.runtime.errors import ManifestError, SchedulerConfigError, ShapeError
+from metacanvas_deploy.runtime.schedulers import SchedulePlan, calculate_shift, make_plan
 
 STEPS = (1, 2, 3, 4, 10, 50)
 FLUX_SEQ_LENS = (16, 256, 1024, 4096, 6000)  # tiny 64x64, 256 = base, 1024 = 512px, 4096 = max, beyond max
@@ -262,9 +264,9 @@ def test_real_configs_with_every_key_are_accepted():
 
 def test_stepper_misuse_raises():
     stepper, x = Stepper(make_plan(_UNIPC_FLOW, 4)), _X0.astype(np.float32)
-    with pytest.raises(SchedulerStepError, match="history is at step 0"):
+    with pytest.raises(StepOrderError, match="history is at step 0"):
         stepper.step(1, x, x)
-    with pytest.raises(SchedulerStepError, match="in \\[0, 4\\)"):
+    with pytest.raises(StepOrderError, match="in \\[0, 4\\)"):
         stepper.step(4, x, x)
     with pytest.raises(ShapeError, match="differs"):
         stepper.step(0, x[..., :4], x)
@@ -274,8 +276,19 @@ def test_stepper_misuse_raises():
     with pytest.raises(ShapeError, match="previous step"):
         stepper.step(1, x[..., :4], x[..., :4])
     stepper.reset()
-    with pytest.raises(SchedulerStepError):
+    with pytest.raises(StepOrderError):
         step_update(make_plan(_UNIPC_FLOW, 4).coefficient_array()[1], x, x, None, [None, None])
+
+
+def test_step_feeds_are_what_every_step_graph_takes():
+    """`SchedulePlan.step_feeds(i)`: the one place the per-step inputs are made (runtime and build alike)."""
+    plan = make_plan(_UNIPC_FLOW, 5)
+    for i in range(5):
+        feeds = plan.step_feeds(i)
+        assert feeds["timestep"].dtype == feeds["coefficients"].dtype == np.float32
+        assert feeds["timestep"].shape == (1,) and feeds["timestep"][0] == np.float32(plan.timesteps[i])
+        assert np.array_equal(feeds["coefficients"], plan.coefficient_array()[i].astype(np.float32))
+        assert feeds["coefficients"].shape == (3, 3 + plan.history)
 
 
 def test_reset_replays_identically():
