@@ -17,8 +17,12 @@ The step graph of every backbone has the same contract with the runtime (`runtim
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+from torch import nn
 
+from metacanvas_deploy.mc_export.components.common import checked_plan, random_step, scheduler_config
+from metacanvas_deploy.mc_export.components.spec import Component
 from metacanvas_deploy.runtime.schedulers import COL_HISTORY, ROW_LAST, ROW_M, ROW_NEXT
 from metacanvas_deploy.runtime.tensor_spec import DimRange, TensorSpec
 
@@ -54,7 +58,7 @@ def cfg_combine(output: torch.Tensor, guidance_scale: torch.Tensor) -> torch.Ten
 
 def scheduler_update(coefficients: torch.Tensor, sample: torch.Tensor, velocity: torch.Tensor,
                      last_sample: torch.Tensor | None = None, history: torch.Tensor | None = None):
-    """One step of `runtime.schedulers.step_update` in torch: ``outputs = coefficients @ terms``.
+    """One step of a `runtime.schedulers.SchedulePlan` in torch: ``outputs = coefficients @ terms``.
 
     coefficients (3, 3 + K); sample, velocity, last_sample: latent layout; history (K, *latent) with m_{i-1}
     first. Returns (next_sample,) for K = 0 (Euler), else (next_sample, next_last_sample, next_history).
@@ -86,3 +90,46 @@ def state_specs(sample: TensorSpec, k: int) -> tuple[tuple[TensorSpec, ...], tup
     hist = TensorSpec("history", sample.dtype, (k, *sample.dims))
     return (last, hist), (out_sample, TensorSpec("next_last_sample", sample.dtype, sample.dims),
                           TensorSpec("next_history", sample.dtype, (k, *sample.dims)))
+
+
+class StepModule(nn.Module):
+    """Base of every backbone's step graph: holds the adapter (whose methods compute the step) and registers the
+    weights it uses, the DiT and the canvas injector; `update` ends every step the same way."""
+
+    def __init__(self, adapter):
+        super().__init__()
+        self.adapter = adapter  # plain attribute: its modules are registered below
+        self.transformer, self.injector = adapter.transformer, adapter.injector
+
+    @staticmethod
+    def update(coefficients: torch.Tensor, sample: torch.Tensor, velocity: torch.Tensor,
+               last_sample: torch.Tensor | None = None, history: torch.Tensor | None = None):
+        """`scheduler_update` on the CFG-combined velocity: the outputs in spec order, a lone tensor for K = 0."""
+        out = scheduler_update(coefficients, sample, velocity, last_sample, history)
+        return out if len(out) > 1 else out[0]
+
+
+class ImageDenoise(Component):
+    """What the image backbones' step components share (FLUX, SANA): the adapter, the scheduler config as the
+    manifest stores it, the history check, the runtime facts every step has and a real plan step for sample
+    inputs. Subclasses declare the spec and their own facts."""
+
+    def __init__(self, model, history: int, image_seq_len: int | None = None):
+        self.adapter, self.defaults, self.history = model.adapter, model.defaults, history
+        self.config = scheduler_config(self.adapter)
+        self.plan(image_seq_len)  # ConfigError unless history is the K of the scheduler's plan
+
+    def plan(self, image_seq_len: int | None = None):
+        """The plan at the preset's default step count (`checked_plan`)."""
+        return checked_plan(self.config, self.defaults.num_inference_steps, self.history, image_seq_len)
+
+    def step_facts(self, **facts) -> dict:
+        """The runtime facts of this step: the shared ones around the backbone's own ``facts``."""
+        a = self.adapter
+        return {"backbone": a.backbone, "latent_channels": a.latent_channels, **facts,
+                "guidance_default": float(self.defaults.guidance_scale), "timestep": "plan.timesteps[i] (0..1000)",
+                "history": self.history}
+
+    def plan_step(self, rng: np.random.Generator, image_seq_len: int | None = None) -> dict[str, np.ndarray]:
+        """``timestep`` and ``coefficients`` of a random step of the plan, as the runtime feeds them."""
+        return random_step(self.plan(image_seq_len), rng)

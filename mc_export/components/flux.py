@@ -42,16 +42,15 @@ from torch import nn
 
 from metacanvas_deploy.mc_export.components.common import (
     UINT8_TOLERANCE,
+    ImageVaeDecoder,
+    ImageVaeEncoder,
     batch_range,
-    pixels_to_uint8,
-    plan_row,
-    sample_pixels,
     scaled,
-    scheduler_config,
 )
 from metacanvas_deploy.mc_export.components.denoise import (
+    ImageDenoise,
+    StepModule,
     cfg_combine,
-    scheduler_update,
     state_specs,
     step_dims,
     step_inputs,
@@ -66,13 +65,8 @@ TRUE_CFG_SAMPLE = 3.0  # the true-CFG scale sample inputs use when rows = 2 (any
 
 
 # the denoise step ---------------------------------------------------------------------------------------------
-class _FluxStep(nn.Module):
+class _FluxStep(StepModule):
     """One Euler (or multistep) step of FluxKontextPipeline's loop, CFG and scheduler update included."""
-
-    def __init__(self, adapter):
-        super().__init__()
-        self.adapter = adapter  # not a module: the DiT and injector below hold the weights it uses
-        self.transformer, self.injector = adapter.transformer, adapter.injector
 
     def forward(self, sample, prompt_embeds, canvas, timestep, guidance_scale, coefficients, image_latents,
                 pooled_prompt_embeds, guidance, last_sample=None, history=None):
@@ -87,11 +81,10 @@ class _FluxStep(nn.Module):
         v = self.adapter.denoise(x, context, timestep.expand(rows), guidance.expand(rows), prompt_embeds,
                                  pooled_prompt_embeds, txt_ids, img_ids, canvas)  # (rows, h*w, 4C)
         v = unpack_latents(cfg_combine(v, guidance_scale), h_tok, w_tok)  # (1, C, 2h, 2w)
-        out = scheduler_update(coefficients, sample, v, last_sample, history)
-        return out if len(out) > 1 else out[0]
+        return self.update(coefficients, sample, v, last_sample, history)
 
 
-class FluxDenoise(Component):
+class FluxDenoise(ImageDenoise):
     """The FLUX.1-Kontext denoise step (stage "denoise"): module docstring for the runtime's recipe."""
 
     def __init__(self, model, ranges: BuildRanges, history: int = 0):
@@ -100,10 +93,7 @@ class FluxDenoise(Component):
             raise ConfigError(f"FluxDenoise needs a flux model, got backbone {adapter.backbone!r}")
         if not adapter.transformer.config.guidance_embeds:
             raise ConfigError("FluxDenoise serves guidance-distilled FLUX (guidance_embeds=True) like Kontext-dev")
-        self.adapter, self.defaults, self.history = adapter, model.defaults, history
-        self.config = scheduler_config(adapter)
-        # ConfigError unless history is the K of the scheduler's plan
-        plan_row(self.config, self.defaults.num_inference_steps, np.random.default_rng(0), history, 1)
+        super().__init__(model, history, image_seq_len=1)
         cfg, c = model.cfg, adapter.latent_channels
         tok = ranges.token_dims(adapter)
         sample = TensorSpec("sample", "float32", (1, c, scaled(PACK, "h_tok"), scaled(PACK, "w_tok")))
@@ -123,14 +113,11 @@ class FluxDenoise(Component):
     def runtime_facts(self) -> dict:
         """What a numpy runtime needs to prepare this stage's inputs (the module docstring says how)."""
         a, vae = self.adapter, self.adapter.vae.config
-        return {"backbone": "flux", "latent_channels": a.latent_channels, "pack": PACK,
-                "vae_scale_factor": a.vae_scale_factor, "size_multiple": a.size_multiple,
-                "vae_scaling_factor": float(vae.scaling_factor), "vae_shift_factor": float(vae.shift_factor),
-                "sample_layout": "unpacked (1, C, 2*h_tok, 2*w_tok): the initial noise before 2x2 packing",
-                "plan_image_seq_len": "h_tok*w_tok", "cfg_rows": ["negative", "positive"],
-                "cfg_when": "true_cfg_scale > 1",
-                "guidance_default": float(self.defaults.guidance_scale), "timestep": "plan.timesteps[i] (0..1000)",
-                "history": self.history}
+        return self.step_facts(
+            pack=PACK, vae_scale_factor=a.vae_scale_factor, size_multiple=a.size_multiple,
+            vae_scaling_factor=float(vae.scaling_factor), vae_shift_factor=float(vae.shift_factor),
+            sample_layout="unpacked (1, C, 2*h_tok, 2*w_tok): the initial noise before 2x2 packing",
+            plan_image_seq_len="h_tok*w_tok", cfg_rows=["negative", "positive"], cfg_when="true_cfg_scale > 1")
 
     def sample_inputs(self, which: str = "opt", seed: int = 0,
                       overrides: Mapping[str, int] | None = None) -> dict[str, np.ndarray]:
@@ -139,37 +126,18 @@ class FluxDenoise(Component):
         arrays = super().sample_inputs(which, seed, overrides)
         rng = np.random.default_rng(seed + 1)
         rows, (h2, w2) = arrays["prompt_embeds"].shape[0], arrays["sample"].shape[2:]
-        arrays.update(plan_row(self.config, self.defaults.num_inference_steps, rng, self.history,
-                               image_seq_len=(h2 // PACK) * (w2 // PACK)))
+        arrays.update(self.plan_step(rng, image_seq_len=(h2 // PACK) * (w2 // PACK)))
         arrays["guidance"] = np.array([self.defaults.guidance_scale], np.float32)
         arrays["guidance_scale"] = np.array([TRUE_CFG_SAMPLE if rows == 2 else 1.0], np.float32)
         return arrays
 
 
 # the VAE ------------------------------------------------------------------------------------------------------
-class _Encode(nn.Module):
-    def __init__(self, vae):
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, image):
-        z = self.vae.encode(image).latent_dist.mode()  # (n, C, 2hc, 2wc): the posterior mean
-        return (z - self.vae.config.shift_factor) * self.vae.config.scaling_factor
-
-
-class _Decode(nn.Module):
-    def __init__(self, vae):
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, latents):
-        z = latents / self.vae.config.scaling_factor + self.vae.config.shift_factor  # (n, C, 2h, 2w)
-        return pixels_to_uint8(self.vae.decode(z, return_dict=False)[0])  # (n, H, W, 3)
-
-
-class FluxVaeEncoder(Component):
+class FluxVaeEncoder(ImageVaeEncoder):
     """`AutoencoderKL` encoder of the context image (stage "vae_encoder"): pixels in [-1, 1] -> the normalised
     posterior mode, unpacked, exactly what `FluxDenoise` takes as ``image_latents``."""
+
+    latents = "(posterior mode - vae_shift_factor) * vae_scaling_factor, unpacked"
 
     def __init__(self, model, ranges: BuildRanges):
         self.adapter = model.adapter
@@ -180,25 +148,12 @@ class FluxVaeEncoder(Component):
                                   {"batch": batch_range(ranges), "hc_tok": tok["h_tok"], "wc_tok": tok["w_tok"]},
                                   extra=self.runtime_facts())
 
-    def module(self) -> nn.Module:
-        return _Encode(self.adapter.vae)
 
-    def runtime_facts(self) -> dict:
-        vae = self.adapter.vae.config
-        return {"backbone": "flux", "image": "RGB uint8 -> Lanczos resize -> x / 255 * 2 - 1, NCHW float32",
-                "latents": "(posterior mode - vae_shift_factor) * vae_scaling_factor, unpacked",
-                "vae_scaling_factor": float(vae.scaling_factor), "vae_shift_factor": float(vae.shift_factor),
-                "pixels_per_latent": self.adapter.vae_scale_factor}
-
-    def sample_inputs(self, which: str = "opt", seed: int = 0,
-                      overrides: Mapping[str, int] | None = None) -> dict[str, np.ndarray]:
-        """Pixels as the host makes them: uint8 values mapped to [-1, 1]."""
-        return {"image": sample_pixels(self.spec.shapes(which, overrides)["image"], seed)}
-
-
-class FluxVaeDecoder(Component):
+class FluxVaeDecoder(ImageVaeDecoder):
     """`AutoencoderKL` decoder (stage "vae_decoder"): final unpacked latents -> uint8 frames, de-normalisation
     and diffusers' pixel post-processing inside the graph."""
+
+    latents = "the denoise step's final next_sample (unpacked, normalised)"
 
     def __init__(self, model, ranges: BuildRanges):
         self.adapter = model.adapter
@@ -208,17 +163,6 @@ class FluxVaeDecoder(Component):
         self.spec = ComponentSpec("vae_decoder", (latents,), (frames,),
                                   {"batch": batch_range(ranges), "h_tok": tok["h_tok"], "w_tok": tok["w_tok"]},
                                   tolerance=UINT8_TOLERANCE, extra=self.runtime_facts())
-
-    def module(self) -> nn.Module:
-        return _Decode(self.adapter.vae)
-
-    def runtime_facts(self) -> dict:
-        vae = self.adapter.vae.config
-        return {"backbone": "flux", "latents": "the denoise step's final next_sample (unpacked, normalised)",
-                "frames": "uint8 (n, H, W, 3) RGB, final: no host post-processing",
-                "vae_scaling_factor": float(vae.scaling_factor), "vae_shift_factor": float(vae.shift_factor),
-                "pixels_per_latent": self.adapter.vae_scale_factor}
-
 
 
 def stage_components(model, ranges: BuildRanges, history: int) -> dict[str, Component]:

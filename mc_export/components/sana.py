@@ -25,8 +25,9 @@ stride ``vae_scale_factor``, p = the DiT's ``patch_size``; every number is in th
             with Lanczos, ``x / 255 * 2 - 1``, NCHW. Output ``latents`` = DC-AE ``latent * vae_scaling_factor``,
             the normalised layout the denoise step and the decoder use.
 
-SANA's and DC-AE's linear attention divide by ``den + 1e-15``; onnxscript's optimizer folds that eps away
-(../shared/FINDINGS.md) and an all-zero row then gives NaN, so every spec here exports with ``optimize=False``.
+SANA's and DC-AE's linear attention divide by ``den + 1e-15``; onnxscript's optimizer folds that eps away (an
+fp32 add of 1e-15 to a value of order 1 is a no-op it removes) and an all-zero row then gives NaN, so every spec
+here exports with ``optimize=False``.
 """
 
 from __future__ import annotations
@@ -39,16 +40,15 @@ from torch import nn
 
 from metacanvas_deploy.mc_export.components.common import (
     UINT8_TOLERANCE,
+    ImageVaeDecoder,
+    ImageVaeEncoder,
     batch_range,
-    pixels_to_uint8,
-    plan_row,
-    sample_pixels,
     scaled,
-    scheduler_config,
 )
 from metacanvas_deploy.mc_export.components.denoise import (
+    ImageDenoise,
+    StepModule,
     cfg_combine,
-    scheduler_update,
     state_specs,
     step_dims,
     step_inputs,
@@ -59,13 +59,8 @@ from metacanvas_deploy.mc_export.errors import ConfigError
 from metacanvas_deploy.runtime.tensor_spec import TensorSpec
 
 
-class _SanaStep(nn.Module):
+class _SanaStep(StepModule):
     """One step of SanaPipeline's loop: both CFG branches in one DiT call, CFG combine, scheduler update."""
-
-    def __init__(self, adapter):
-        super().__init__()
-        self.adapter = adapter  # not a module: the DiT and injector below hold the weights it uses
-        self.transformer, self.injector = adapter.transformer, adapter.injector
 
     def forward(self, sample, prompt_embeds, canvas, timestep, guidance_scale, coefficients, prompt_mask,
                 last_sample=None, history=None):
@@ -76,21 +71,17 @@ class _SanaStep(nn.Module):
         torch._check(prompt_mask.shape[1] == prompt_embeds.shape[1])
         x = sample.expand(rows, -1, -1, -1)  # (rows, C, h, w)
         v = self.adapter.denoise(x, timestep.expand(rows), prompt_embeds, prompt_mask, canvas)  # (rows, C, h, w)
-        out = scheduler_update(coefficients, sample, cfg_combine(v, guidance_scale), last_sample, history)
-        return out if len(out) > 1 else out[0]
+        return self.update(coefficients, sample, cfg_combine(v, guidance_scale), last_sample, history)
 
 
-class SanaDenoise(Component):
+class SanaDenoise(ImageDenoise):
     """The SANA denoise step (stage "denoise"): module docstring for the runtime's recipe."""
 
     def __init__(self, model, ranges: BuildRanges, history: int = 0):
         adapter = model.adapter
         if adapter.backbone != "sana":
             raise ConfigError(f"SanaDenoise needs a sana model, got backbone {adapter.backbone!r}")
-        self.adapter, self.defaults, self.history = adapter, model.defaults, history
-        self.config = scheduler_config(adapter)
-        # ConfigError unless history is the K of the scheduler's plan
-        plan_row(self.config, self.defaults.num_inference_steps, np.random.default_rng(0), history)
+        super().__init__(model, history)
         cfg, c, p = model.cfg, adapter.latent_channels, adapter.patch_size
         tok = ranges.token_dims(adapter)
         sample = TensorSpec("sample", "float32", (1, c, scaled(p, "h_tok"), scaled(p, "w_tok")))
@@ -107,15 +98,12 @@ class SanaDenoise(Component):
     def runtime_facts(self) -> dict:
         """What a numpy runtime needs to prepare this stage's inputs (the module docstring says how)."""
         a = self.adapter
-        return {"backbone": "sana", "latent_channels": a.latent_channels, "patch_size": a.patch_size,
-                "vae_scale_factor": a.vae_scale_factor, "size_multiple": a.size_multiple,
-                "vae_scaling_factor": float(a.vae.config.scaling_factor),
-                "timestep_scale": float(a.transformer.config.timestep_scale),
-                "sample_layout": "(1, C, H / vae_scale_factor, W / vae_scale_factor)",
-                "cfg_rows": ["negative", "positive"], "cfg_when": "guidance_scale > 1",
-                "prompt_mask": "int64, 1 = real token",
-                "guidance_default": float(self.defaults.guidance_scale), "timestep": "plan.timesteps[i] (0..1000)",
-                "history": self.history}
+        return self.step_facts(
+            patch_size=a.patch_size, vae_scale_factor=a.vae_scale_factor, size_multiple=a.size_multiple,
+            vae_scaling_factor=float(a.vae.config.scaling_factor),
+            timestep_scale=float(a.transformer.config.timestep_scale),
+            sample_layout="(1, C, H / vae_scale_factor, W / vae_scale_factor)",
+            cfg_rows=["negative", "positive"], cfg_when="guidance_scale > 1", prompt_mask="int64, 1 = real token")
 
     def sample_inputs(self, which: str = "opt", seed: int = 0,
                       overrides: Mapping[str, int] | None = None) -> dict[str, np.ndarray]:
@@ -128,31 +116,12 @@ class SanaDenoise(Component):
         mask = (np.arange(length)[None] >= (length - real)[:, None]).astype(np.int64)  # (rows, L)
         arrays["prompt_mask"] = mask
         arrays["prompt_embeds"] *= mask[..., None]
-        arrays.update(plan_row(self.config, self.defaults.num_inference_steps, rng, self.history))
+        arrays.update(self.plan_step(rng))
         arrays["guidance_scale"] = np.array([self.defaults.guidance_scale], np.float32)
         return arrays
 
 
 # DC-AE -------------------------------------------------------------------------------------------------------
-class _Encode(nn.Module):
-    def __init__(self, vae):
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, image):
-        return self.vae.encode(image).latent * self.vae.config.scaling_factor  # (n, C, H/f, W/f)
-
-
-class _Decode(nn.Module):
-    def __init__(self, vae):
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, latents):
-        z = latents / self.vae.config.scaling_factor  # (n, C, H/f, W/f)
-        return pixels_to_uint8(self.vae.decode(z, return_dict=False)[0])  # (n, H, W, 3)
-
-
 def _geometry(model, ranges: BuildRanges) -> tuple[dict, tuple, tuple]:
     """(dims, latents dims, pixel dims (batch, H, W)) shared by the DC-AE encoder and decoder."""
     a = model.adapter
@@ -163,8 +132,10 @@ def _geometry(model, ranges: BuildRanges) -> tuple[dict, tuple, tuple]:
     return dims, latent, pixels
 
 
-class SanaVaeEncoder(Component):
+class SanaVaeEncoder(ImageVaeEncoder):
     """DC-AE encoder (stage "vae_encoder"): pixels in [-1, 1] -> ``latent * scaling_factor``."""
+
+    latents = "DC-AE latent * vae_scaling_factor"
 
     def __init__(self, model, ranges: BuildRanges):
         self.adapter = model.adapter
@@ -173,24 +144,12 @@ class SanaVaeEncoder(Component):
                                   (TensorSpec("latents", "float32", latent),), dims, optimize=False,
                                   extra=self.runtime_facts())
 
-    def module(self) -> nn.Module:
-        return _Encode(self.adapter.vae)
 
-    def runtime_facts(self) -> dict:
-        return {"backbone": "sana", "image": "RGB uint8 -> Lanczos resize -> x / 255 * 2 - 1, NCHW float32",
-                "latents": "DC-AE latent * vae_scaling_factor",
-                "vae_scaling_factor": float(self.adapter.vae.config.scaling_factor),
-                "pixels_per_latent": self.adapter.vae_scale_factor}
-
-    def sample_inputs(self, which: str = "opt", seed: int = 0,
-                      overrides: Mapping[str, int] | None = None) -> dict[str, np.ndarray]:
-        """Pixels as the host makes them: uint8 values mapped to [-1, 1]."""
-        return {"image": sample_pixels(self.spec.shapes(which, overrides)["image"], seed)}
-
-
-class SanaVaeDecoder(Component):
+class SanaVaeDecoder(ImageVaeDecoder):
     """DC-AE decoder (stage "vae_decoder"): final latents -> uint8 frames, de-normalisation and diffusers'
     pixel post-processing inside the graph."""
+
+    latents = "the denoise step's final next_sample (normalised)"
 
     def __init__(self, model, ranges: BuildRanges):
         self.adapter = model.adapter
@@ -198,15 +157,6 @@ class SanaVaeDecoder(Component):
         self.spec = ComponentSpec("vae_decoder", (TensorSpec("latents", "float32", latent),),
                                   (TensorSpec("frames", "uint8", (n, h, w, 3)),), dims,
                                   tolerance=UINT8_TOLERANCE, optimize=False, extra=self.runtime_facts())
-
-    def module(self) -> nn.Module:
-        return _Decode(self.adapter.vae)
-
-    def runtime_facts(self) -> dict:
-        return {"backbone": "sana", "latents": "the denoise step's final next_sample (normalised)",
-                "frames": "uint8 (n, H, W, 3) RGB, final: no host post-processing",
-                "vae_scaling_factor": float(self.adapter.vae.config.scaling_factor),
-                "pixels_per_latent": self.adapter.vae_scale_factor}
 
 
 def stage_components(model, ranges: BuildRanges, history: int) -> dict[str, Component]:

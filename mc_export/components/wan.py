@@ -62,9 +62,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from metacanvas_deploy.mc_export.components.common import checked_plan, scheduler_config
 from metacanvas_deploy.mc_export.components.denoise import (
+    StepModule,
     cfg_combine,
-    scheduler_update,
     state_specs,
     step_dims,
     step_inputs,
@@ -74,20 +75,16 @@ from metacanvas_deploy.mc_export.components.spec import Component, ComponentSpec
 from metacanvas_deploy.mc_export.errors import ConfigError
 from metacanvas_deploy.mc_export.models.backbones.base import CanvasCall
 from metacanvas_deploy.mc_export.models.backbones.wan import WanAdapter, WanRequest
-from metacanvas_deploy.mc_export.models.metacanvas import MetaCanvas
-from metacanvas_deploy.runtime.schedulers import make_plan
 from metacanvas_deploy.runtime.tensor_spec import DimRange, TensorSpec
 
 GUIDANCE_SCALE = 5.0  # Wan2.2's default CFG scale: what sample inputs use
 
 
-class WanStep(nn.Module):
+class WanStep(StepModule):
     """The exported computation; shares the model's DiT and injector (the canvas hook calls the injector)."""
 
     def __init__(self, adapter: WanAdapter, input_names: tuple[str, ...]):
-        super().__init__()
-        self.adapter = adapter  # plain attribute: its modules are registered below
-        self.transformer, self.injector = adapter.transformer, adapter.injector
+        super().__init__(adapter)
         self.input_names = input_names
 
     @classmethod
@@ -125,21 +122,18 @@ class WanStep(nn.Module):
         call = CanvasCall(a["canvas"], adapter.injector_timestep(timestep), r)
         velocity = adapter.denoise(x, timestep, embeds, call)[:, :, r:]  # (rows, C, T, h, w)
         velocity = cfg_combine(velocity, a["guidance_scale"])  # (1, C, T, h, w)
-        return scheduler_update(a["coefficients"], sample, velocity, a.get("last_sample"), a.get("history"))
+        return self.update(a["coefficients"], sample, velocity, a.get("last_sample"), a.get("history"))
 
 
 class WanDenoise(Component):
     """Stage "denoise" for the Wan backbone: one UniPC step of any Wan task (see the module docstring)."""
 
-    def __init__(self, model: MetaCanvas, ranges: BuildRanges, history: int):
+    def __init__(self, model, ranges: BuildRanges, history: int):
         adapter, cfg = model.adapter, model.cfg
         if not isinstance(adapter, WanAdapter):
             raise ConfigError(f"WanDenoise needs a wan MetaCanvas, got backbone {cfg.backbone!r}")
         # the plan whose rows sample inputs use; its history must be the graph's K
-        self.plan = make_plan(dict(adapter.scheduler.config), model.defaults.num_inference_steps)
-        if history != self.plan.history:
-            raise ConfigError(f"history={history}, but the checkpoint's scheduler keeps K={self.plan.history} "
-                              f"previous outputs ({adapter.scheduler.config['_class_name']}); pass its plan.history")
+        self.plan = checked_plan(scheduler_config(adapter), model.defaults.num_inference_steps, history)
         self.model, self.adapter, self.history = model, adapter, history
         c, p = adapter.latent_channels, adapter.patch[1]
         latent = (1, c, "latent_frames", f"{p}*h_tok", f"{p}*w_tok")
@@ -189,10 +183,8 @@ class WanDenoise(Component):
         tasks = [t for t in ("i2v", "v2v", "t2v") if t in self.model.cfg.tasks]
         task = task or ("r2v" if r else tasks[seed % len(tasks)])
         plan = self.plan
-        i = int(rng.integers(plan.num_inference_steps))
-        arrays["timestep"] = np.array([plan.timesteps[i]], np.float32)
+        arrays.update(plan.step_feeds(int(rng.integers(plan.num_inference_steps))))
         arrays["guidance_scale"] = np.array([GUIDANCE_SCALE], np.float32)
-        arrays["coefficients"] = plan.coefficient_array()[i].astype(np.float32)
         t = arrays["clean_mask"].shape[0]
         arrays["clean_mask"] = np.zeros(t, np.float32)
         if task == "i2v":
