@@ -2,8 +2,9 @@
 
 Tiny preset (Wan2.2 layout: residual blocks, patch 2, 16x spatial / 4x temporal), CPU, random weights.
 Oracles: `decode_streaming` == `vae.decode(z).sample` and `encode_streaming` == `vae.encode(x).latent_dist.mode()`
-for 1, 2, 3, 4 latent frames (1, 5, 9, 13 pixel frames) at two sizes; the exported chunk graphs driven by a
-numpy loop over ONNX Runtime == the torch loop, at two sizes and two batch sizes from one pair of files.
+for 1, 2, 3, 4 latent frames (1, 5, 9, 13 pixel frames) at two sizes; the build's own VAE stages
+(`mc_export.components.wan_vae`, exported by `export_component` as a bundle ships them) driven by a numpy loop
+over ONNX Runtime == the torch loop, at two sizes from one pair of files.
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ import pytest
 import torch
 from diffusers import AutoencoderKLWan
 
-from metacanvas_deploy.mc_export.errors import ConfigError, InputError
+from metacanvas_deploy.mc_export.components.ranges import BuildRanges
+from metacanvas_deploy.mc_export.components.wan_vae import wan_vae_stages
+from metacanvas_deploy.mc_export.errors import ConfigError, ExportError, InputError
+from metacanvas_deploy.mc_export.export.onnx_export import check_graph, export_component
 from metacanvas_deploy.mc_export.export.wan_vae_stream import (
     PAST,
     PRESENT,
@@ -26,8 +30,7 @@ from metacanvas_deploy.mc_export.export.wan_vae_stream import (
     decode_streaming,
     encode_streaming,
 )
-from metacanvas_deploy.mc_export.export.wan_vae_stream_onnx import double_tensors, export_chunk_graph
-from metacanvas_deploy.mc_export.models.presets import get_preset
+from metacanvas_deploy.mc_export.models.metacanvas import MetaCanvas
 
 LATENT_FRAMES = (1, 2, 3, 4)  # -> 1, 5, 9, 13 pixel frames
 SIZES = ((32, 32), (48, 80))  # pixels: 2x2 and 3x5 latent grids
@@ -39,12 +42,20 @@ TORCH_ATOL = 1e-5
 # ORT vs torch: other conv / reduction kernels (summation order), ~1e-6 relative per layer, over ~30 layers
 # and 4 chunks of recurrence through the caches; 1e-4 is > 10x the max seen.
 ONNX_ATOL = 1e-4
+# The build's stages take batch 1 and a latent grid of (2 h_tok, 2 w_tok) (Wan's DiT patch is 2): token grids
+# 2x2 to 3x3, exported at opt 2x3 (unequal, so a swapped axis cannot pass), run at 2x3 and 3x2.
+RANGES = BuildRanges(height=(64, 64, 96), width=(64, 96, 96), num_frames=(1, 9, 9), prompt_tokens=(1, 8, 8))
+ONNX_SIZES = ((64, 96), (96, 64))
 
 
 @pytest.fixture(scope="module")
-def vae() -> AutoencoderKLWan:
-    torch.manual_seed(0)
-    return AutoencoderKLWan(**get_preset("wan", "tiny").vae).eval()
+def model() -> MetaCanvas:
+    return MetaCanvas.from_preset("wan", "tiny")
+
+
+@pytest.fixture(scope="module")
+def vae(model) -> AutoencoderKLWan:
+    return model.vae.eval()
 
 
 @pytest.fixture(scope="module")
@@ -157,16 +168,17 @@ def test_errors(vae, decoder, encoder):
         WanStreamingDecoder(AutoencoderKLWan(base_dim=8, z_dim=4, dropout=0.1)).train()(torch.zeros(1, 4, 1, 2, 2))
 
 
-def test_double_tensors_are_found():
-    """The TensorRT gate of the export: a float64 Cast and its output are reported by name."""
+def test_double_tensors_are_refused(tmp_path):
+    """The TensorRT gate of every export (`check_graph`): a float64 Cast and its output are reported by name."""
     x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2])
     y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.DOUBLE, [2])
     cast = onnx.helper.make_node("Cast", ["x"], ["y"], to=onnx.TensorProto.DOUBLE, name="to_double")
-    model = onnx.helper.make_model(onnx.helper.make_graph([cast], "g", [x], [y]))
-    assert double_tensors(model) == ["y", "to_double"]
+    onnx.save(onnx.helper.make_model(onnx.helper.make_graph([cast], "g", [x], [y])), str(tmp_path / "g.onnx"))
+    with pytest.raises(ExportError, match=r"DOUBLE tensors \['y', 'to_double'\]"):
+        check_graph(tmp_path / "g.onnx")
 
 
-# ---- ONNX -----------------------------------------------------------------------------------------------------
+# ---- ONNX: the build's stages -----------------------------------------------------------------------------------
 
 def ort_stream(first: ort.InferenceSession, rest: ort.InferenceSession, chunks: list[np.ndarray]) -> np.ndarray:
     """The runtime's loop: chunk 0 through `first`, then `rest`, each call's `present.*` fed back as `past.*`."""
@@ -187,54 +199,63 @@ def session(path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def exported_pair(module, root) -> dict:
-    paths = {k: root / f"{module.part}_{k}.onnx" for k in ("first", "rest")}
-    seconds = {k: export_chunk_graph(module, paths[k], first=k == "first") for k in paths}
-    print(f"\n{module.part} export seconds (tiny): {seconds}")
-    return paths
+def exported_pair(model, part: str, root) -> dict:
+    """The build's `vae_<part>_first` and `vae_<part>` stages, exported as a build exports them."""
+    stages = wan_vae_stages(model, RANGES, encoder=part == "encoder")
+    paths = {}
+    for kind, stage in (("first", f"vae_{part}_first"), ("rest", f"vae_{part}")):
+        paths[kind] = root / f"{stage}.onnx"
+        export_component(stages[stage], paths[kind])
+    return {**paths, "module": stages[f"vae_{part}"].module()}
 
 
 @pytest.fixture(scope="module")
-def decoder_onnx(decoder, tmp_path_factory) -> dict:
-    return exported_pair(decoder, tmp_path_factory.mktemp("wan_vae_stream"))
+def decoder_onnx(model, tmp_path_factory) -> dict:
+    return exported_pair(model, "decoder", tmp_path_factory.mktemp("wan_vae_stream"))
 
 
-def test_decoder_onnx_graph(decoder, decoder_onnx):
-    """One chunk per file: names from the spec, symbolic batch / grid, no float64, weights stored once."""
-    for kind, path in decoder_onnx.items():
-        model = onnx.load(str(path))
-        assert double_tensors(model) == []
+def test_decoder_onnx_graph(decoder_onnx):
+    """One chunk per file: names from the module, a symbolic grid, weights stored once."""
+    decoder = decoder_onnx["module"]
+    for kind in ("first", "rest"):
+        model = onnx.load(str(decoder_onnx[kind]))
         inputs = [i.name for i in model.graph.input]
         assert inputs == decoder.input_names(first=kind == "first")
         assert [o.name for o in model.graph.output] == decoder.output_names()
-        dims = model.graph.input[0].type.tensor_type.shape.dim  # latents (B, C, 1, h, w)
-        assert [d.dim_value for d in dims[1:3]] == [8, 1] and all(d.dim_param for d in (dims[0], dims[3], dims[4]))
+        dims = model.graph.input[0].type.tensor_type.shape.dim  # latents (1, C, 1, h, w)
+        assert [d.dim_value for d in dims[:3]] == [1, 8, 1] and all(d.dim_param for d in (dims[3], dims[4]))
         weight_bytes = sum(p.numel() * 4 for p in decoder.parameters())
         init_bytes = sum(len(t.raw_data) or 4 * np.prod(t.dims) for t in model.graph.initializer)
         assert init_bytes < 1.2 * weight_bytes  # no per-frame copies: the file does not depend on the frame count
 
 
-@pytest.mark.parametrize("batch,size", [(1, SIZES[0]), (2, SIZES[1])], ids=["b1-32x32", "b2-48x80"])
-def test_decoder_onnx_loop_matches_torch(decoder, decoder_onnx, batch, size):
+@pytest.mark.parametrize("size", ONNX_SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_decoder_onnx_loop_matches_torch(vae, decoder_onnx, size):
+    decoder = decoder_onnx["module"]
     first, rest = session(decoder_onnx["first"]), session(decoder_onnx["rest"])
-    z = latents(batch, max(LATENT_FRAMES), *size, seed=5)
+    z = latents(1, max(LATENT_FRAMES), *size, seed=5)
     for frames in LATENT_FRAMES:  # the same two files for every length
         ref = decode_streaming(decoder, z[:, :, :frames]).numpy()
         ours = ort_stream(first, rest, [z[:, :, i:i + 1].numpy() for i in range(frames)])
         assert ours.shape == ref.shape
         assert np.abs(ours - ref).max() <= ONNX_ATOL, frames
+    with torch.no_grad():  # and the loop as a whole against diffusers' own decode
+        assert np.abs(ours - vae.decode(z).sample.numpy()).max() <= ONNX_ATOL + TORCH_ATOL
 
 
 @pytest.mark.slow
-def test_encoder_onnx_loop_matches_torch(encoder, tmp_path_factory):
-    paths = exported_pair(encoder, tmp_path_factory.mktemp("wan_vae_stream_enc"))
+def test_encoder_onnx_loop_matches_torch(vae, model, tmp_path_factory):
+    paths = exported_pair(model, "encoder", tmp_path_factory.mktemp("wan_vae_stream_enc"))
+    encoder = paths["module"]
     first, rest = session(paths["first"]), session(paths["rest"])
-    for model in (onnx.load(str(p)) for p in paths.values()):
-        assert double_tensors(model) == []
-        dims = model.graph.output[0].type.tensor_type.shape.dim  # latents (B, C, 1, h, w), named in both graphs
-        assert [d.dim_param for d in dims[3:]] == ["latent_height", "latent_width"]
-    for batch, size in ((1, SIZES[0]), (2, SIZES[1])):
-        x = video(batch, 13, *size, seed=6)
+    for graph in (onnx.load(str(paths[k])) for k in ("first", "rest")):
+        dims = graph.graph.output[0].type.tensor_type.shape.dim  # latents (1, C, 1, h, w): a symbolic grid
+        assert all(d.dim_param for d in dims[3:])
+    for size in ONNX_SIZES:
+        x = video(1, 13, *size, seed=6)
         ref = encode_streaming(encoder, x).numpy()
         chunks = [x[:, :, :1].numpy()] + [x[:, :, s:s + 4].numpy() for s in (1, 5, 9)]
-        assert np.abs(ort_stream(first, rest, chunks) - ref).max() <= ONNX_ATOL
+        ours = ort_stream(first, rest, chunks)
+        assert np.abs(ours - ref).max() <= ONNX_ATOL
+        with torch.no_grad():
+            assert np.abs(ours - vae.encode(x).latent_dist.mode().numpy()).max() <= ONNX_ATOL + TORCH_ATOL
