@@ -1,15 +1,16 @@
-"""`python -m calib`: accuracy reports for quantized bundles, and the shipped recipes as editable JSON.
+"""`python -m calib`: accuracy reports for quantized bundles.
 
     python -m calib report --bundle bundles/sana-int8 [--float bundles/sana-int8-fp32]
-    python -m calib recipe --backbone sana --precision int8 > my-recipe.json   # then build --recipe my-recipe.json
+
+A backbone's default recipe is model knowledge, which calibration does not have: the compiler prints it
+(`python -m mc_export recipe --backbone sana --precision int8`).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 
-from metacanvas_deploy.calib.errors import CalibError
+from metacanvas_deploy.calib.errors import AccuracyBudgetError, CalibError
 from metacanvas_deploy.runtime.errors import MetaCanvasRuntimeError, run_cli
 
 
@@ -21,23 +22,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bundle", required=True)
     p.add_argument("--float", dest="float_bundle", help="the fp32 bundle (default: the one the build recorded)")
     p.add_argument("--threads", type=int)
-    r = sub.add_parser("recipe", help="print a backbone's default recipe as JSON")
-    r.add_argument("--backbone", required=True, choices=["wan", "flux", "sana"])
-    r.add_argument("--precision", required=True, choices=["int8", "fp8"])
-    r.add_argument("--num-layers", type=int, help="the DiT's depth (Wan keeps its first and last blocks float)")
-    r.add_argument("--target", default="onnxruntime", choices=["onnxruntime", "tensorrt"])
     args = parser.parse_args(argv)
     return run_cli(lambda: _run(args), (CalibError, MetaCanvasRuntimeError))
 
 
 def _run(args) -> None:
-    if args.command == "report":
-        from metacanvas_deploy.calib.report import report
+    from metacanvas_deploy.calib.report import report
 
-        print("\n".join(report(args.bundle, args.float_bundle, args.threads)))
-    else:
-        from metacanvas_deploy.calib.recipes import default_recipe
-
-        recipe = default_recipe(args.backbone, args.precision, args.num_layers, args.target)
-        print(json.dumps(recipe.to_json(), indent=2))
+    result = report(args.bundle, args.float_bundle, args.threads)
+    print("\n".join(result.lines))
+    if not result.passed:  # a report that states a missed budget fails
+        raise AccuracyBudgetError(f"{args.bundle} misses its accuracy budget: {'; '.join(result.misses)}")
 

@@ -11,8 +11,10 @@ What is quantized, by default, and why:
 Layers kept in high precision inside the DiT, as the established recipes do: the patch and condition
 embedders (patch / time / text projections: tiny compute, large effect), the output projection, AdaLN
 modulation and the canvas injector (a zero-initialised residual connector: its small output rides on top of
-the latents). Wan also keeps its first and last blocks. Attention's activation x activation products (QK^T,
-AV) are not quantized: only weight MatMul / Conv layers are.
+the latents); Wan also keeps its first and last blocks. Which module paths those are is model knowledge: the
+compiler's backbone records hold the patterns (`mc_export.backbones.recipe_for_backbone`) and pass them to
+`default_recipe`; calibration knows no backbone. Attention's activation x activation products (QK^T, AV) are
+not quantized: only weight MatMul / Conv layers are.
 """
 
 from __future__ import annotations
@@ -110,34 +112,14 @@ class Recipe:
         return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()
 
 
-# Module-path patterns per backbone (the ONNX weight names are the PyTorch module paths).
-_COMMON_FLOAT = (r"^injector\.", r"(^|\.)proj_out\.", r"(^|\.)norm_out\.")
-_KEEP_FLOAT = {
-    "sana": (*_COMMON_FLOAT, r"\.patch_embed\.", r"\.time_embed\.", r"\.caption_projection\."),
-    "flux": (*_COMMON_FLOAT, r"\.x_embedder\.", r"\.context_embedder\.", r"\.time_text_embed\.",
-             r"\.norm1(_context)?\.linear\.", r"\.norm\.linear\."),
-    # Wan: also the first and last blocks (the tiny/small presets have few; `_wan_edge_blocks` fills them in)
-    "wan": (*_COMMON_FLOAT, r"\.patch_embedding\.", r"\.condition_embedder\."),
-}
-
-
-def _wan_edge_blocks(num_layers: int, edge: int = 1) -> tuple[str, ...]:
-    """The first and last ``edge`` transformer blocks of Wan, as keep-float patterns."""
-    keep = sorted({*range(min(edge, num_layers)), *range(max(num_layers - edge, 0), num_layers)})
-    return tuple(rf"\.blocks\.{i}\." for i in keep)
-
-
-def default_recipe(backbone: str, precision: str, num_layers: int | None = None, target: str = "onnxruntime"
+def default_recipe(backbone: str, precision: str, keep_float: tuple[str, ...], target: str = "onnxruntime"
                    ) -> Recipe:
-    """The shipped recipe for a backbone and precision. ``num_layers``: the DiT's depth (Wan's edge blocks);
-    ``target``: int8 for TensorRT keeps 8-bit weights (no saturation to dodge)."""
+    """The shipped recipe for a precision. ``backbone`` names the recipe; ``keep_float``: regexes over weight
+    names (module paths) of the layers never quantized, the backbone's own (`mc_export.backbones`); ``target``:
+    int8 for TensorRT keeps 8-bit weights (no saturation to dodge)."""
     if precision not in FORMATS:
         raise RecipeError(f"no quantization recipe for precision {precision!r}; expected one of {FORMATS}")
-    if backbone not in _KEEP_FLOAT:
-        raise RecipeError(f"no quantization recipe for backbone {backbone!r}")
-    keep = _KEEP_FLOAT[backbone]
-    if backbone == "wan" and num_layers:
-        keep = (*keep, *_wan_edge_blocks(num_layers))
+    keep = tuple(keep_float)
     if precision == "int8":
         return Recipe(name=f"{backbone}-int8-w8a8", format="int8", keep_float=keep,
                       reduce_range=target != "tensorrt")

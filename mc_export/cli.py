@@ -9,9 +9,18 @@ import sys
 from metacanvas_deploy.mc_export.errors import run_cli
 
 
+def _add_backbone(p, required: bool = False) -> None:
+    """``--backbone``, its choices from the registry. Checked by `mc_export.backbones.get` (not argparse), so that
+    an unknown name is one line and exit code 2 like every other configuration error."""
+    from metacanvas_deploy.mc_export.backbones import BACKBONES
+
+    p.add_argument("--backbone", required=required, metavar="{" + ",".join(BACKBONES) + "}",
+                   help=f"one of {', '.join(BACKBONES)}")
+
+
 def _add_init_checkpoint(sub) -> None:
     p = sub.add_parser("init-checkpoint", help="write a checkpoint folder with seeded random weights")
-    p.add_argument("--backbone", required=True, choices=["wan", "flux", "sana"])
+    _add_backbone(p, required=True)
     p.add_argument("--preset", default="tiny", choices=["tiny", "small"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--random-canvas", action="store_true",
@@ -30,9 +39,11 @@ def _cmd_init_checkpoint(args) -> None:
 
 
 def _add_reference(sub) -> None:
+    from metacanvas_deploy.mc_export.backbones import ALL_TASKS
+
     p = sub.add_parser("reference", help="sample with the PyTorch reference and write PNG/MP4/GIF")
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--task", required=True, choices=["t2i", "edit", "t2v", "i2v", "v2v", "r2v"])
+    p.add_argument("--task", required=True, choices=ALL_TASKS)
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--image", help="input image (edit, i2v)")
@@ -82,7 +93,7 @@ def _range(text: str) -> tuple[int, ...]:
 
 def _add_build(sub) -> None:
     p = sub.add_parser("build", help="compile a checkpoint (or a preset) into an engine bundle")
-    p.add_argument("--backbone", choices=["wan", "flux", "sana"])
+    _add_backbone(p)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--preset", choices=["tiny", "small"], help="seeded random weights (default: tiny)")
     src.add_argument("--checkpoint", help="a local checkpoint folder (see `init-checkpoint`)")
@@ -99,7 +110,7 @@ def _add_build(sub) -> None:
     p.add_argument("--lazy-weights", default="auto", choices=["auto", "on", "off"],
                    help="checkpoints: trace on the meta device and stream weights from disk into the ONNX files "
                         "(auto: when the fp32 weights exceed half the available memory)")
-    p.add_argument("--recipe", help="int8/fp8: a recipe JSON file (`python -m calib recipe` prints the default)")
+    p.add_argument("--recipe", help="int8/fp8: a recipe JSON file (`python -m mc_export recipe` prints the default)")
     p.add_argument("--float-bundle", help="int8/fp8: the fp32 reference bundle to calibrate against, built there "
                                            "if missing or stale (default: <out>-fp32)")
     p.add_argument("--out", required=True)
@@ -109,8 +120,11 @@ def _add_build(sub) -> None:
 def _cmd_build(args) -> None:
     from pathlib import Path
 
+    from metacanvas_deploy.mc_export.backbones import get
     from metacanvas_deploy.mc_export.build import BuildConfig, build
 
+    if args.backbone is not None:
+        get(args.backbone)  # an unknown name fails here, before any work
     if args.checkpoint is None and args.preset is None:
         print("no --checkpoint given: building the tiny preset (seeded random weights)", file=sys.stderr)
     overrides = tuple((k, getattr(args, k)) for k in ("height", "width", "frames", "prompt_tokens")
@@ -150,6 +164,26 @@ def _cmd_verify(args) -> None:
         print(line)
 
 
+def _add_recipe(sub) -> None:
+    p = sub.add_parser("recipe", help="print a backbone's default int8/fp8 recipe as JSON (edit it, then "
+                                      "`build --recipe FILE`)")
+    _add_backbone(p, required=True)
+    p.add_argument("--precision", required=True, choices=["int8", "fp8"])
+    p.add_argument("--num-layers", type=int, help="the DiT's depth (the first and last blocks some backbones keep "
+                                                  "float)")
+    p.add_argument("--target", default="onnxruntime", choices=["onnxruntime", "tensorrt"])
+    p.set_defaults(func=_cmd_recipe)
+
+
+def _cmd_recipe(args) -> None:
+    import json
+
+    from metacanvas_deploy.mc_export.backbones import recipe_for_backbone
+
+    recipe = recipe_for_backbone(args.backbone, args.precision, args.num_layers, args.target)
+    print(json.dumps(recipe.to_json(), indent=2))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mc_export", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -157,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_verify(sub)
     _add_init_checkpoint(sub)
     _add_reference(sub)
+    _add_recipe(sub)
     args = parser.parse_args(argv)
     return run_cli(lambda: args.func(args))
 

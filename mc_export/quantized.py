@@ -21,8 +21,9 @@ from pathlib import Path
 
 from metacanvas_deploy.calib.graph import external_data
 from metacanvas_deploy.calib.quantize import quantize_stage
-from metacanvas_deploy.calib.recipes import Recipe, default_recipe
+from metacanvas_deploy.calib.recipes import Recipe
 from metacanvas_deploy.mc_export import writer as w
+from metacanvas_deploy.mc_export.backbones import recipe_for_backbone
 from metacanvas_deploy.mc_export.errors import ConfigError
 from metacanvas_deploy.mc_export.export.onnx_export import export_component
 from metacanvas_deploy.mc_export.stages import plan_stages, tensorrt_engine
@@ -40,7 +41,7 @@ def recipe_for(cfg, model) -> Recipe:
     if cfg.recipe is not None:
         return cfg.recipe
     layers = getattr(model.transformer.config, "num_layers", None)
-    return default_recipe(model.cfg.backbone, cfg.precision, num_layers=layers, target=cfg.target)
+    return recipe_for_backbone(model.cfg.backbone, cfg.precision, num_layers=layers, target=cfg.target)
 
 
 def build_quantized(cfg, model, recipe: Recipe, ranges, steps: int, weights_digest: str, key: str, log) -> Path:

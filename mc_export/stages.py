@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import shutil
 import tempfile
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from metacanvas_deploy.calib.graph import optimize_for_ort
+from metacanvas_deploy.mc_export import backbones
 from metacanvas_deploy.mc_export.components.planner import PlannerComponent
 from metacanvas_deploy.mc_export.components.ranges import BuildRanges
 from metacanvas_deploy.mc_export.components.spec import Component
@@ -29,13 +29,13 @@ def scheduler_history(model) -> int:
 
 
 def plan_stages(model, ranges: BuildRanges) -> dict[str, Component]:
-    """Stage name -> component, in run order. The backbone module (`mc_export.components.<backbone>`) says
-    which denoise and VAE stages its tasks need."""
+    """Stage name -> component, in run order. The backbone's record (`mc_export.backbones`) says which denoise
+    and VAE stages its tasks need."""
     stages: dict[str, Component] = {}
     if _VISION_TASKS & set(model.cfg.tasks):
         stages["vision_encoder"] = VisionComponent(model, ranges)
     stages["planner"] = PlannerComponent(model, ranges)
-    backbone = importlib.import_module(f"metacanvas_deploy.mc_export.components.{model.cfg.backbone}")
+    backbone = backbones.get(model.cfg.backbone)
     stages.update(backbone.stage_components(model, ranges, scheduler_history(model)))
     return stages
 

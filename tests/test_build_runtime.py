@@ -1,5 +1,5 @@
-"""The product loop: `mc_export build` -> bundle -> `runtime.Pipeline`, for every backbone and task, against the
-PyTorch reference on the same weights and initial latents.
+"""The product loop: `mc_export build` -> bundle -> `runtime.pipeline.Pipeline`, for every backbone and task,
+against the PyTorch reference on the same weights and initial latents.
 
 Oracle tolerances (issue: cosine >= 0.99999 on the final latents, frames within 1 uint8 level): every stage is
 fp32 in both; the engines differ from eager PyTorch only in summation order (per-stage max_rel ~1e-6, see the
@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+from metacanvas_deploy.mc_export.backbones import get
 from metacanvas_deploy.mc_export.build import BuildConfig, build
 from metacanvas_deploy.mc_export.errors import BuildError
 from metacanvas_deploy.mc_export.models.metacanvas import MetaCanvas
@@ -27,7 +28,10 @@ from metacanvas_deploy.runtime.pipeline import Pipeline
 
 STEPS = 3
 IMG = (np.random.RandomState(0).rand(64, 64, 3) * 255).astype(np.uint8)
-TASKS = {"sana": ["t2i"], "flux": ["edit"], "wan": ["t2v", "i2v", "v2v", "r2v"]}
+# The backbones this file tests end to end, each on every task its record serves: tests/test_registry.py fails
+# when a registered backbone is missing here.
+END_TO_END_BACKBONES = ("sana", "flux", "wan")
+TASKS = {b: get(b).tasks for b in END_TO_END_BACKBONES}
 
 
 @pytest.fixture(scope="session")

@@ -27,6 +27,7 @@ from metacanvas_deploy.calib.errors import AccuracyBudgetError, RecipeError
 from metacanvas_deploy.calib.graph import fold_weight_transposes, integer_kernels, qdq_fp8, smooth, weight_layers
 from metacanvas_deploy.calib.quantize import calibrate, prepare, psnr, quantize_stage, sensitivity
 from metacanvas_deploy.calib.recipes import Budget, Recipe, default_recipe
+from metacanvas_deploy.mc_export.backbones import recipe_for_backbone
 from metacanvas_deploy.mc_export.build import BuildConfig, build, resolve_ranges
 from metacanvas_deploy.mc_export.errors import ConfigError
 from metacanvas_deploy.mc_export.export.onnx_export import export_component
@@ -60,7 +61,7 @@ def _linear_graph(weights: dict[str, np.ndarray]) -> onnx.ModelProto:
 
 # --- recipes --------------------------------------------------------------------------------------------------
 def test_recipe_round_trips_and_its_digest_tracks_every_field():
-    r = default_recipe("wan", "int8", num_layers=6)
+    r = recipe_for_backbone("wan", "int8", num_layers=6)
     assert Recipe.from_json(json.loads(json.dumps(r.to_json()))) == r
     assert Recipe.from_json(r.to_json()).digest() == r.digest()
     assert dataclasses.replace(r, percentile=99.9).digest() != r.digest()
@@ -70,10 +71,19 @@ def test_recipe_round_trips_and_its_digest_tracks_every_field():
     assert r.keeps_float("transformer.blocks.5.ffn.net.0.proj.weight")
     assert not r.keeps_float("transformer.blocks.3.attn1.to_q.weight")
     for backbone in ("wan", "flux", "sana"):
-        rec = default_recipe(backbone, "fp8")
+        rec = recipe_for_backbone(backbone, "fp8")
         assert rec.keeps_float("transformer.proj_out.weight") and rec.keeps_float("injector.out.weight")
         assert rec.calibration == "minmax" and not rec.per_channel_weights  # per-tensor amax
-    assert default_recipe("sana", "int8", target="tensorrt").reduce_range is False
+    assert recipe_for_backbone("sana", "int8", target="tensorrt").reduce_range is False
+
+
+def test_calibration_knows_no_backbone_the_patterns_come_in():
+    """`calib.recipes.default_recipe` holds no per-backbone table: the compiler's record passes the patterns."""
+    r = default_recipe("any", "int8", (r"\.embed\.",))
+    assert r.keep_float == (r"\.embed\.",) and r.name == "any-int8-w8a8" and r.reduce_range
+    assert default_recipe("any", "fp8", ()).keep_float == ()
+    with pytest.raises(RecipeError, match="precision 'int4'"):
+        default_recipe("any", "int4", ())
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -88,7 +98,8 @@ def test_a_bad_recipe_is_refused(kwargs, message):
 
 def test_a_recipe_must_match_the_precision():
     with pytest.raises(ConfigError, match="fp8 recipe cannot build --precision int8"):
-        BuildConfig(out="x", backbone="sana", precision="int8", recipe=default_recipe("sana", "fp8")).validate(False)
+        BuildConfig(out="x", backbone="sana", precision="int8",
+                    recipe=recipe_for_backbone("sana", "fp8")).validate(False)
 
 
 # --- graph passes ---------------------------------------------------------------------------------------------
@@ -270,7 +281,7 @@ def test_sensitivity_ranks_the_layer_with_an_outlier_input_first(tmp_path):
 
 @pytest.mark.parametrize("fmt", ["int8", "fp8"])
 def test_a_quantized_denoise_stage_meets_the_budget(float_bundle, raw_denoise, tmp_path, fmt, monkeypatch):
-    recipe = dataclasses.replace(default_recipe("sana", fmt), **QUICK)
+    recipe = dataclasses.replace(recipe_for_backbone("sana", fmt), **QUICK)
     if fmt == "fp8":  # and through the full-size file layout (weights in .data), as TensorRT would parse it
         monkeypatch.setattr(calib_graph, "EXTERNAL_DATA_BYTES", 0)
     q = quantize_stage(float_bundle, raw_denoise, recipe, "denoise", tmp_path, threads=1,
@@ -290,7 +301,7 @@ def test_a_quantized_denoise_stage_meets_the_budget(float_bundle, raw_denoise, t
 
 def test_the_fallback_loop_moves_the_most_sensitive_layers_and_fails_with_numbers(float_bundle, raw_denoise,
                                                                                   tmp_path):
-    recipe = dataclasses.replace(default_recipe("sana", "int8"), **QUICK, budget=Budget(min_psnr_db=500.0),
+    recipe = dataclasses.replace(recipe_for_backbone("sana", "int8"), **QUICK, budget=Budget(min_psnr_db=500.0),
                                  fallback_fraction=0.5, max_fallback_rounds=2)
     lines = []
     with pytest.raises(AccuracyBudgetError, match=r"misses its accuracy budget after 3 rounds .*mean PSNR [0-9.]+ dB.*"
@@ -306,7 +317,7 @@ def test_the_fallback_loop_moves_the_most_sensitive_layers_and_fails_with_number
 def int8_bundle(float_bundle, tmp_path_factory):
     root = tmp_path_factory.mktemp("q")
     shutil.copytree(float_bundle, root / "sana-fp32")  # the float bundle the build expects at <out>-fp32
-    recipe = dataclasses.replace(default_recipe("sana", "int8"), **QUICK)
+    recipe = dataclasses.replace(recipe_for_backbone("sana", "int8"), **QUICK)
     with pytest.MonkeyPatch.context() as mp:  # the full-size file layout: every quantized graph's weights in .data
         mp.setattr(calib_graph, "EXTERNAL_DATA_BYTES", 0)
         return build(BuildConfig(out=root / "sana", backbone="sana", precision="int8", steps=3, recipe=recipe),
@@ -349,4 +360,4 @@ def test_layers_whose_weight_the_exporter_renamed_are_named_by_their_module_path
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])], [w])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
     assert weight_layers(model) == {"node_MatMul_3": "transformer.blocks.0.attn1.to_q.weight"}
-    assert default_recipe("wan", "int8", num_layers=4).keeps_float("transformer.blocks.0.attn1.to_q.weight")
+    assert recipe_for_backbone("wan", "int8", num_layers=4).keeps_float("transformer.blocks.0.attn1.to_q.weight")

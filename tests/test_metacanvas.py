@@ -100,9 +100,9 @@ def _stock_pipeline(backbone: str, ckpt):
     """The diffusers pipeline built from the checkpoint's own folders (no text encoder: embeddings are given)."""
     import diffusers
 
-    from metacanvas_deploy.mc_export.models.checkpoint import diffusers_classes
+    from metacanvas_deploy.mc_export.backbones import get
 
-    t_cls, v_cls = diffusers_classes(backbone)
+    t_cls, v_cls = get(backbone).diffusers_classes()
     parts = dict(transformer=t_cls.from_pretrained(ckpt / "transformer"), vae=v_cls.from_pretrained(ckpt / "vae"))
     sched_cfg = json.loads((ckpt / "scheduler" / "scheduler_config.json").read_text())
     parts["scheduler"] = getattr(diffusers, sched_cfg["_class_name"]).from_config(sched_cfg)

@@ -32,13 +32,6 @@ _REQUIRED = {
     "metacanvas": ("config.json", "model.safetensors"),
 }
 
-_DIFFUSERS_CLASSES = {
-    "wan": ("WanTransformer3DModel", "AutoencoderKLWan"),
-    "flux": ("FluxTransformer2DModel", "AutoencoderKL"),
-    "sana": ("SanaTransformer2DModel", "AutoencoderDC"),
-}
-
-
 def check_layout(path: Path) -> None:
     """Raise CheckpointError naming every missing part or file; a clear message beats a deep traceback."""
     path = Path(path)
@@ -57,14 +50,6 @@ def read_json(path: Path) -> dict:
         return json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"cannot read {path}: {e}") from e
-
-
-def diffusers_classes(backbone: str) -> tuple[type, type]:
-    """The stock diffusers transformer and VAE classes of a backbone."""
-    import diffusers
-
-    t, v = _DIFFUSERS_CLASSES[backbone]
-    return getattr(diffusers, t), getattr(diffusers, v)
 
 
 def check_class(path: Path, part: str, expected: str) -> None:

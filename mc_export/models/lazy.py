@@ -1,12 +1,13 @@
 """Checkpoints too large for memory: the model's structure on the `meta` device, its weights left on disk.
 
 A full-size checkpoint (FLUX.1-Kontext 12B = 48 GB in fp32, Qwen2.5-VL-7B = 30 GB) does not fit a 24 GiB machine.
-`load_lazy` builds the same `MetaCanvas` as `MetaCanvas.from_pretrained` with every parameter on `meta` (buffers
-such as RoPE frequencies are computed for real: they are small and derived from the config), and records where
-each parameter lives: a `TensorRef` (file, key, dtype, shape) in the checkpoint's safetensors. Export then traces
-the meta model and streams each weight from disk into the ONNX file one tensor at a time
+`MetaCanvas.from_pretrained(path, lazy=True)` builds the model with every parameter on `meta` (buffers such as
+RoPE frequencies are computed for real: they are small and derived from the config), and `LazyWeights` records
+where each parameter lives: a `TensorRef` (file, key, dtype, shape) in the checkpoint's safetensors. Export then
+traces the meta model and streams each weight from disk into the ONNX file one tensor at a time
 (`mc_export.export.onnx_export`); a stage small enough to hold is materialised alone to be gated
 (`materialized`), then dropped again. Nothing is read but safetensors headers until a tensor is asked for.
+This module knows checkpoint files and torch modules, never the model class built from them (which imports it).
 
 The key mapping is checked when the model is built: every parameter must resolve to exactly one checkpoint
 tensor of the same shape, or the load fails naming what is missing.
@@ -228,36 +229,3 @@ def buffers_on_meta(module: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
     finally:
         for owner, name, b in slots:
             owner._buffers[name] = b
-
-
-def load_lazy(path: str | Path):
-    """`MetaCanvas.from_pretrained` without reading the weights: parameters on `meta`, `model.lazy_weights` says
-    where each one is. Buffers (RoPE tables) are real: derived from the configs, small."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
-
-    from metacanvas_deploy.mc_export.models.metacanvas import (
-        MetaCanvas,
-        _scheduler_from_config,
-        read_checkpoint_configs,
-    )
-    from metacanvas_deploy.mc_export.models.planner import Planner
-    from metacanvas_deploy.mc_export.models.tokenizer import load_tokenizer
-
-    path = Path(path)
-    cfg, defaults, (t_cls, v_cls) = read_checkpoint_configs(path)
-    with init_empty_weights(include_buffers=False):
-        qwen = Qwen2_5_VLForConditionalGeneration._from_config(
-            AutoConfig.from_pretrained(path / "planner", local_files_only=True), attn_implementation="sdpa",
-            dtype=torch.float32)
-        transformer = t_cls.from_config(t_cls.load_config(path / "transformer", local_files_only=True))
-        vae = v_cls.from_config(v_cls.load_config(path / "vae", local_files_only=True))
-        scheduler = _scheduler_from_config(ckpt.read_json(path / "scheduler" / "scheduler_config.json"))
-        model = MetaCanvas(cfg, Planner(qwen, cfg), transformer, vae, scheduler,
-                           load_tokenizer(path / "planner", cfg.max_prompt_tokens), defaults)
-    # as from_pretrained does: a tied lm_head has no tensor of its own on disk. Outside init_empty_weights,
-    # whose register_parameter hook would replace the shared parameter by a fresh one.
-    qwen.tie_weights()
-    model = model.float().eval()
-    model.lazy_weights = LazyWeights(model, path)
-    return model

@@ -1,5 +1,9 @@
 """The whole MetaCanvas system in PyTorch: planner + connectors + one backbone. The reference every
 compiled stage is measured against.
+
+What is model-specific comes from the backbone's record (`mc_export.backbones`): the adapter class, the diffusers
+classes, the presets; an unknown backbone name is a ConfigError. ``from_pretrained(lazy=True)`` builds the same
+model on `meta` and leaves the weights on disk (`mc_export.models.lazy` says where each one lives).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from metacanvas_deploy.mc_export import backbones
 from metacanvas_deploy.mc_export.errors import CheckpointError, InputError
 from metacanvas_deploy.mc_export.models import checkpoint as ckpt
 from metacanvas_deploy.mc_export.models.backbones.base import Conditioning, SampleOutput
@@ -23,33 +28,19 @@ from metacanvas_deploy.mc_export.models.connectors import (
     PooledProjection,
     randomize_zero_layers,
 )
-from metacanvas_deploy.mc_export.models.presets import Preset, SamplingDefaults, get_preset
+from metacanvas_deploy.mc_export.models.lazy import LazyWeights
+from metacanvas_deploy.mc_export.models.presets import Preset, SamplingDefaults
 
 # Distinct seed offsets per component: changing one component's size never reshuffles another's weights.
 _SEED_PLANNER, _SEED_TRANSFORMER, _SEED_VAE, _SEED_METACANVAS = 0, 1, 2, 3
-
-
-def _adapter_class(backbone: str):
-    if backbone == "wan":
-        from metacanvas_deploy.mc_export.models.backbones.wan import WanAdapter
-
-        return WanAdapter
-    if backbone == "flux":
-        from metacanvas_deploy.mc_export.models.backbones.flux import FluxKontextAdapter
-
-        return FluxKontextAdapter
-    from metacanvas_deploy.mc_export.models.backbones.sana import SanaAdapter
-
-    return SanaAdapter
 
 
 def _scheduler_from_config(config: dict):
     import diffusers
 
     name = config.get("_class_name")
-    if name not in ("UniPCMultistepScheduler", "FlowMatchEulerDiscreteScheduler"):
-        raise CheckpointError(f"unsupported scheduler {name!r}; expected UniPCMultistepScheduler or "
-                              "FlowMatchEulerDiscreteScheduler")
+    if name not in backbones.SCHEDULER_CLASSES:
+        raise CheckpointError(f"unsupported scheduler {name!r}; expected {' or '.join(backbones.SCHEDULER_CLASSES)}")
     return getattr(diffusers, name).from_config(config)
 
 
@@ -58,9 +49,9 @@ def read_checkpoint_configs(path: Path) -> tuple[MetaCanvasConfig, SamplingDefau
     ckpt.check_layout(path)
     cfg = MetaCanvasConfig.from_dict(ckpt.read_json(path / "metacanvas" / "config.json"))
     sampling = path / "metacanvas" / "sampling.json"
-    defaults = SamplingDefaults(**ckpt.read_json(sampling)) if sampling.is_file() else \
-        get_preset(cfg.backbone, "full").defaults
-    t_cls, v_cls = ckpt.diffusers_classes(cfg.backbone)
+    backbone = backbones.get(cfg.backbone)
+    defaults = SamplingDefaults(**ckpt.read_json(sampling)) if sampling.is_file() else backbone.preset("full").defaults
+    t_cls, v_cls = backbone.diffusers_classes()
     ckpt.check_class(path, "transformer", t_cls.__name__)
     ckpt.check_class(path, "vae", v_cls.__name__)
     return cfg, defaults, (t_cls, v_cls)
@@ -80,7 +71,8 @@ class MetaCanvas(nn.Module):
         self.canvas_prep = CanvasPrep(cfg)
         self.injector = CanvasInjector(cfg)
         self.transformer, self.vae = transformer, vae
-        self.adapter = _adapter_class(cfg.backbone)(transformer, vae, scheduler, cfg, self.canvas_prep, self.injector)
+        adapter = backbones.get(cfg.backbone).adapter
+        self.adapter = adapter(transformer, vae, scheduler, cfg, self.canvas_prep, self.injector)
         self._check_dims()
 
     # construction ---------------------------------------------------------------------------------------
@@ -97,13 +89,11 @@ class MetaCanvas(nn.Module):
         from metacanvas_deploy.mc_export.models.tokenizer import build_tiny_tokenizer
         from metacanvas_deploy.runtime.text import PromptTokenizer
 
-        p = get_preset(backbone, preset) if isinstance(preset, str) else preset
+        record = backbones.get(backbone)
+        p = record.preset(preset) if isinstance(preset, str) else preset
         cfg = dataclasses.replace(p.metacanvas, **(overrides or {}))
-        transformer_kwargs = dict(p.transformer)
-        if backbone == "wan":
-            latent = p.vae["z_dim"]
-            transformer_kwargs["in_channels"] = latent + cfg.condition_channels
-        t_cls, v_cls = ckpt.diffusers_classes(backbone)
+        transformer_kwargs = record.adapter.transformer_config(p.transformer, p.vae, cfg)
+        t_cls, v_cls = record.diffusers_classes()
         scheduler = _scheduler_from_config(p.scheduler)  # host-side tables: never on `meta`
         tokenizer = PromptTokenizer(build_tiny_tokenizer(), cfg.max_prompt_tokens) if p.name != "full" else None
         with torch.device(device):
@@ -188,8 +178,9 @@ class MetaCanvas(nn.Module):
         num_frames = num_frames or d.num_frames
         steps = num_inference_steps or d.num_inference_steps
         guidance = d.guidance_scale if guidance_scale is None else guidance_scale
-        # FLUX-Kontext is guidance-distilled: a negative branch only for true CFG.
-        use_cfg = true_cfg_scale > 1.0 if self.cfg.backbone == "flux" else guidance > 1.0
+        # A guidance-distilled DiT (FLUX-Kontext) has a negative branch only for true CFG.
+        distilled = self.adapter.guidance_distilled
+        use_cfg = true_cfg_scale > 1.0 if distilled else guidance > 1.0
         planner_images = {"edit": [image], "i2v": [image], "r2v": reference_images}.get(task)
         if planner_images is not None and any(im is None for im in planner_images):
             raise InputError(f"task {task!r} needs {'reference_images' if task == 'r2v' else 'an image'}")
@@ -198,7 +189,7 @@ class MetaCanvas(nn.Module):
         kwargs = dict(image=image, video=video, reference_images=reference_images, height=height, width=width,
                       num_frames=num_frames, num_inference_steps=steps, guidance_scale=guidance,
                       generator=torch.Generator().manual_seed(seed), latents=latents)
-        if self.cfg.backbone == "flux":
+        if distilled:
             kwargs["true_cfg_scale"] = true_cfg_scale
         return self.adapter.sample(task, cond, **kwargs)
 
@@ -239,11 +230,9 @@ class MetaCanvas(nn.Module):
         from metacanvas_deploy.mc_export.models.planner import Planner
         from metacanvas_deploy.mc_export.models.tokenizer import load_tokenizer
 
-        if lazy:
-            from metacanvas_deploy.mc_export.models.lazy import load_lazy
-
-            return load_lazy(path)
         path = Path(path)
+        if lazy:
+            return cls._from_pretrained_lazy(path)
         cfg, defaults, (t_cls, v_cls) = read_checkpoint_configs(path)
         load = dict(local_files_only=True, use_safetensors=True)
         qwen = Qwen2_5_VLForConditionalGeneration.from_pretrained(path / "planner", attn_implementation="sdpa",
@@ -256,6 +245,33 @@ class MetaCanvas(nn.Module):
         model._load_metacanvas(load_file(str(path / "metacanvas" / "model.safetensors")))
         _own_aligned_memory(model)
         return model.eval()
+
+    @classmethod
+    def _from_pretrained_lazy(cls, path: Path) -> MetaCanvas:
+        """`from_pretrained` without reading the weights: parameters on `meta`, ``model.lazy_weights`` says where
+        each one is. Buffers (RoPE tables) are real: derived from the configs, small."""
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
+
+        from metacanvas_deploy.mc_export.models.planner import Planner
+        from metacanvas_deploy.mc_export.models.tokenizer import load_tokenizer
+
+        cfg, defaults, (t_cls, v_cls) = read_checkpoint_configs(path)
+        with init_empty_weights(include_buffers=False):
+            qwen = Qwen2_5_VLForConditionalGeneration._from_config(
+                AutoConfig.from_pretrained(path / "planner", local_files_only=True), attn_implementation="sdpa",
+                dtype=torch.float32)
+            transformer = t_cls.from_config(t_cls.load_config(path / "transformer", local_files_only=True))
+            vae = v_cls.from_config(v_cls.load_config(path / "vae", local_files_only=True))
+            scheduler = _scheduler_from_config(ckpt.read_json(path / "scheduler" / "scheduler_config.json"))
+            model = cls(cfg, Planner(qwen, cfg), transformer, vae, scheduler,
+                        load_tokenizer(path / "planner", cfg.max_prompt_tokens), defaults)
+        # as from_pretrained does: a tied lm_head has no tensor of its own on disk. Outside init_empty_weights,
+        # whose register_parameter hook would replace the shared parameter by a fresh one.
+        qwen.tie_weights()
+        model = model.float().eval()
+        model.lazy_weights = LazyWeights(model, path)
+        return model
 
     def _load_metacanvas(self, sd: dict[str, torch.Tensor]) -> None:
         expected = self.metacanvas_state_dict()
@@ -290,13 +306,10 @@ def _own_aligned_memory(model: nn.Module) -> None:
         b.data = b.data.clone()
 
 
-# Where each diffusers config keeps the DiT's text width.
-_DIT_TEXT_FIELD = {"wan": "text_dim", "flux": "joint_attention_dim", "sana": "caption_channels"}
-
-
 def _dit_width(backbone: str, c) -> int:
     return c.num_attention_heads * c.attention_head_dim
 
 
 def _dit_text_dim(backbone: str, c) -> int:
-    return getattr(c, _DIT_TEXT_FIELD[backbone])
+    """The DiT's text width, from the config field its backbone record names."""
+    return getattr(c, backbones.get(backbone).text_dim_field)

@@ -79,6 +79,13 @@ class FluxKontextAdapter:
     """FLUX.1-Kontext-dev (transformer, VAE, FlowMatchEuler scheduler) with the MetaCanvas canvas hook."""
 
     backbone = "flux"
+    # FLUX.1-Kontext-dev: guidance_scale feeds the guidance embedding; a negative branch only for true CFG
+    guidance_distilled = True
+
+    @staticmethod
+    def transformer_config(preset: dict, vae: dict, cfg: MetaCanvasConfig) -> dict:
+        """A preset's DiT kwargs for this MetaCanvas config: the preset's own."""
+        return dict(preset)
 
     def __init__(self, transformer, vae, scheduler, cfg: MetaCanvasConfig, canvas_prep: CanvasPrep,
                  injector: CanvasInjector):

@@ -5,7 +5,7 @@ so that with the canvas layers at zero the final latents equal the pipeline's bi
   * float32 noise (B, C, H/f, W/f) from ``randn_tensor`` (f = the DC-AE stride), or the caller's ``latents``;
   * CFG when ``guidance_scale > 1``: both branches in one DiT call, batch [negative, positive], prompt masks as
     ``encoder_attention_mask``; the DiT gets ``t * timestep_scale``, the canvas injector ``t`` (0..1000);
-  * the scheduler is the checkpoint's own (FlowMatchEuler for MetaCanvas-SANA: ../shared/DESIGN.md), a fresh
+  * the scheduler is the checkpoint's own (FlowMatchEuler for MetaCanvas-SANA, as for stock SANA), a fresh
     copy per request, ``set_timesteps(n)``;
   * DC-AE decoding of ``latents / scaling_factor``.
 Sizes: any positive multiple of the DC-AE stride x patch size (32 at full size, like the pipeline's check;
@@ -37,6 +37,12 @@ class SanaAdapter:
     """SANA (transformer, DC-AE, FlowMatchEuler scheduler) with the MetaCanvas canvas hook."""
 
     backbone = "sana"
+    guidance_distilled = False  # plain CFG: a negative branch whenever guidance_scale > 1
+
+    @staticmethod
+    def transformer_config(preset: dict, vae: dict, cfg: MetaCanvasConfig) -> dict:
+        """A preset's DiT kwargs for this MetaCanvas config: the preset's own."""
+        return dict(preset)
 
     def __init__(self, transformer, vae, scheduler, cfg: MetaCanvasConfig, canvas_prep: CanvasPrep,
                  injector: CanvasInjector):

@@ -1,6 +1,6 @@
 """Wan2.2-TI2V backbone adapter: canvas injection and the PyTorch reference sampler for t2v, i2v, v2v, r2v.
 
-The DiT, VAE and scheduler are stock diffusers objects. What this module adds (../shared/DESIGN.md):
+The DiT, VAE and scheduler are stock diffusers objects. What this module adds:
 - the canvas hook on ``transformer.patch_embedding``: the injector runs per latent frame (a batch of B*T
   token grids of H*W tokens) on the target frames only, never on r2v's leading reference frames;
 - the MetaCanvas input layout ``[noisy target | condition latents | mask]`` when ``condition_channels > 0``;
@@ -58,6 +58,13 @@ class WanAdapter:
     """Runs a stock diffusers Wan2.2-TI2V DiT/VAE/UniPC with the MetaCanvas canvas and input layout."""
 
     backbone = "wan"
+    guidance_distilled = False  # plain CFG: a negative branch whenever guidance_scale > 1
+
+    @staticmethod
+    def transformer_config(preset: dict, vae: dict, cfg: MetaCanvasConfig) -> dict:
+        """A preset's DiT kwargs for this MetaCanvas config: the input takes the noisy latents plus the
+        condition channels (0 for a stock T2V/I2V layout)."""
+        return {**preset, "in_channels": vae["z_dim"] + cfg.condition_channels}
 
     def __init__(self, transformer: WanTransformer3DModel, vae: AutoencoderKLWan,
                  scheduler: UniPCMultistepScheduler, cfg: MetaCanvasConfig, canvas_prep: CanvasPrep,
