@@ -3,8 +3,8 @@
 One large square GEMM (n x n x n, 2 n^3 operations) per precision, on the thread count of the benchmark:
 fp32 through ONNX Runtime's MatMul and through torch.mm (the better of the two is the fp32 peak: it is the
 machine's, not one library's), int8 through ONNX Runtime's MatMulInteger with uint8 activations and int8
-weights (the combination the INT8 bundles use: FINDINGS.md "CPU speed"). Weights are initializers, as in a
-bundle, so ONNX Runtime pre-packs them. The statistic is the p50 over runs, as for the step it is set against.
+weights (the combination the INT8 bundles use). Weights are initializers, as in a bundle, so ONNX Runtime
+pre-packs them. The statistic is the p50 over runs, as for the step it is set against.
 """
 
 from __future__ import annotations

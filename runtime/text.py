@@ -4,7 +4,7 @@ numpy + `tokenizers` + stdlib only: the torch-free runtime and the PyTorch refer
 
 The planner's prefix is the checkpoint's chat template rendered for one user turn (vision tokens first, then
 the prompt) with no generation prompt, and it ends exactly at that turn's ``<|im_end|>``: the template's
-trailing newline is dropped, because the canvas tokens follow ``<|im_end|>`` directly (../shared/DESIGN.md).
+trailing newline is dropped, because the canvas tokens follow ``<|im_end|>`` directly.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def format_prompt(prompt: str, n_image_tokens: Sequence[int] = (), n_video_token
     Qwen's processor does). The text ends at the turn's ``<|im_end|>``.
 
     An empty (or whitespace-only) prompt is an error unless ``allow_empty`` (the default negative prompt is
-    empty, DESIGN.md); a prompt that contains one of ``RESERVED_TOKENS`` as text is always an error.
+    empty); a prompt that contains one of ``RESERVED_TOKENS`` as text is always an error.
     """
     if not isinstance(prompt, str):
         raise RuntimeInputError(f"a prompt must be a str, got {type(prompt).__name__}")

@@ -4,7 +4,7 @@ adapter's sampler).
 
 Tiny preset, CPU: 64x64 images (16x16 latents = 16x16 DiT tokens, DC-AE stride 4), 4 Euler steps, CFG 4.5,
 canvas layers randomised. Every graph is exported with onnxscript's optimizer off (it folds the linear
-attentions' `+ 1e-15` away, ../shared/FINDINGS.md) and then ORT-optimised, as a bundle ships it. The step and
+attentions' `+ 1e-15` away, see below) and then ORT-optimised, as a bundle ships it. The step and
 decoder graphs are the session's SANA bundle's (conftest's `bundles`: the same components, weights and default
 ranges as here, gated at build time); the raw exports' graph checks ran inside `export_component` during that
 build. The DC-AE encoder is exported here, once (~15 s on 2 cores): a SANA bundle is text-to-image only and has
@@ -158,7 +158,7 @@ def eps_constants(path) -> list[float]:
 @pytest.mark.parametrize("stage", STAGES)
 def test_linear_attention_eps_survives_export(exported, stage):
     """All-zero latents/pixels/text/canvas: every output finite and equal to torch. With onnxscript's optimizer
-    on, the eps is folded away and the DC-AE encoder returns NaN here (../shared/FINDINGS.md)."""
+    on, the eps is folded away and the DC-AE encoder returns NaN here."""
     comp, path = exported[stage]
     assert np.float32(1e-15) in np.float32(eps_constants(path))
     feeds = comp.sample_inputs("min", seed=7)

@@ -31,7 +31,7 @@ H, W, F, STEPS = 64, 96, 5, 4
 PROMPT, NEGATIVE = "a red fox runs through fresh snow", ""
 # Loop budget. Per step the graph matches PyTorch to ~1e-6 relative (ORT's kernels sum in another order); the
 # UniPC update runs on float32 coefficients precomputed in float64 where diffusers computes them in float32 at
-# each step (~4e-7 relative, ../shared/FINDINGS.md). Four steps of a contracting ODE solver carry these to
+# each step (~4e-7 relative, tests/test_schedulers.py). Four steps of a contracting ODE solver carry these to
 # ~1e-5 at most; 1e-4 is ten times that, and any real mistake (a wrong frame, mask, timestep, CFG row or
 # history slot) moves the latents by O(1).
 LOOP_MAX_REL, LOOP_MIN_COSINE = 1e-4, 0.99999

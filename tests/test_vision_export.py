@@ -171,7 +171,7 @@ def test_onnx_equals_transformers_for_any_grid(visual, onnx_path):
 
 def test_onnx_zero_image_stays_finite(visual, onnx_path):
     """An all-zero image makes every RMSNorm see 0: only its eps keeps 0 * rsqrt(0 + eps) from NaN, so this
-    checks the ONNX optimizer kept the eps (it deletes 1e-15 adds, see FINDINGS)."""
+    checks the ONNX optimizer kept the eps (it deletes 1e-15 adds: tests/test_component_sana.py)."""
     feeds = example_inputs([[1, 8, 8]], visual.config)
     feeds["pixel_values"][:] = 0.0
     with torch.no_grad():

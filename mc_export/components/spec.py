@@ -45,7 +45,8 @@ class ComponentSpec:
     outputs: tuple[TensorSpec, ...]
     dims: Mapping[str, DimRange]
     tolerance: Tolerance = Tolerance()
-    # onnxscript's optimizer folds `x + 1e-15` into `x` (../shared/FINDINGS.md): off for linear attention graphs.
+    # onnxscript's optimizer folds `x + 1e-15` into `x` (an all-zero linear-attention row then gives NaN,
+    # tests/test_component_sana.py): off for linear attention graphs.
     optimize: bool = True
     extra: Mapping = field(default_factory=dict)  # stage facts the runtime needs (opaque JSON)
 

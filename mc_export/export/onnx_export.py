@@ -45,7 +45,7 @@ def export_component(comp: Component, path: Path, opset: int = OPSET, weights=No
 
     ``weights`` (`mc_export.models.lazy.LazyWeights`): the module's parameters are on `meta`; the graph is
     traced from the structure alone and each weight is streamed from the checkpoint into the file as it is
-    written, so a model larger than memory exports (../shared/FINDINGS.md: meta export, then apply weights).
+    written, so a model larger than memory exports (tests/test_lazy_weights.py).
     """
     from metacanvas_deploy.mc_export.export.patches import export_patches
 

@@ -1,5 +1,6 @@
 """Named, reversible rewrites of upstream modules for export. Each says why, restores the original on exit,
-and is held to the original by a test (tests/test_export_patches.py).
+and is held to the original by a test (tests/test_component_flux.py and tests/test_component_wan.py:
+`test_rope_patch_*`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 @contextlib.contextmanager
 def flux_rope_float32() -> Iterator[None]:
     """diffusers' `FluxPosEmbed` builds its rotary tables in float64: DOUBLE tensors land in the graph and
-    TensorRT rejects them (../shared/FINDINGS.md). The float32 tables differ by <= 2.7e-6."""
+    TensorRT rejects them (`onnx_export.check_graph` refuses them). The float32 tables differ by <= 2.7e-6."""
     from diffusers.models.embeddings import get_1d_rotary_pos_embed
     from diffusers.models.transformers import transformer_flux
 
@@ -40,7 +41,7 @@ def flux_rope_float32() -> Iterator[None]:
 @contextlib.contextmanager
 def wan_rope_without_scatter() -> Iterator[None]:
     """diffusers' `WanAttnProcessor` rotates q and k by strided slice assignment (`out[..., 0::2] = ...`), which
-    exports as 8 ScatterND nodes per block; TensorRT serialises them (../shared/FINDINGS.md). The same rotation
+    exports as 8 ScatterND nodes per block; TensorRT serialises them (`onnx_export.check_graph`). The same rotation
     written as stack + flatten is bit-identical (the same elementwise products, interleaved by a reshape) and
     exports as Unsqueeze/Concat/Reshape. The rotary application is a closure inside `__call__`, so the
     self-attention path of `__call__` (diffusers 0.42.1) is restated here; every other call (cross-attention,

@@ -1,8 +1,9 @@
 """The MetaCanvas-specific configuration: everything the paper adds on top of a stock MLLM and DiT.
 
 Stock components keep their own configs (transformers' Qwen2_5_VLConfig, diffusers' model configs); this
-dataclass holds the canvas geometry, connector sizes, LoRA and the choices ../shared/DESIGN.md fixes where
-the paper is silent. It is saved as ``metacanvas/config.json`` in a checkpoint.
+dataclass holds the canvas geometry, connector sizes, LoRA and the choices this package makes where the paper
+is silent (each a field, so a checkpoint that differs can say so). It is saved as ``metacanvas/config.json``
+in a checkpoint.
 """
 
 from __future__ import annotations

@@ -118,7 +118,8 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 
 class LinearAttention(nn.Module):
     """SANA's ReLU-kernel linear attention: O(N) in tokens. eps keeps the denominator finite; it is 1e-6
-    rather than SANA's 1e-15, which onnxscript's optimizer folds to zero (../shared/FINDINGS.md)."""
+    rather than SANA's 1e-15, which onnxscript's optimizer folds to zero (an all-zero row would then give
+    NaN in the exported graph)."""
 
     def __init__(self, dim: int, heads: int, eps: float = 1e-6):
         super().__init__()

@@ -1,6 +1,6 @@
 """LoRA on the planner LM that acts on the canvas positions only, in one pass.
 
-DESIGN.md: the prefix runs with the base weights and the canvas tokens with the LoRA-adapted weights, reading
+The design: the prefix runs with the base weights and the canvas tokens with the LoRA-adapted weights, reading
 the prefix through the KV cache. Canvas tokens are always the last ``n_canvas`` positions of the planner's
 sequence, so one pass over prefix + canvas computes the same thing when every adapted linear adds its LoRA
 term to the last ``n_canvas`` rows only (tests/test_planner.py proves it against a two-pass KV-cache run).

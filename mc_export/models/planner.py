@@ -6,7 +6,7 @@ only, ``lora.py``) and an explicit attention mask. The computation is split wher
 ``embed_prefix`` (token embeddings + vision features) and ``position_ids`` are host/vision-side,
 ``run_lm`` is the planner graph.
 
-Choices (DESIGN.md and this file):
+Choices (where the paper is silent):
 - Canvas positions: a Qwen2.5-VL video grid after the prompt: t = keyframe index, h = row, w = column, each
   offset by (max prefix position + 1) of its row. Canvas token order is (keyframe, row, column), row-major.
 - Attention: the LM's causal mask over prefix + canvas with left-padding keys masked, built here as an

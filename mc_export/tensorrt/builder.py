@@ -161,8 +161,8 @@ def lower_sequences(model) -> int:
     """Rewrite each SplitToSequence whose every use is a SequenceAt at a constant position into one Split, and
     each SequenceAt into an Identity (or a Squeeze, for ``keepdims=0`` without ``split``) of the matching part:
     the same values, in ops TensorRT parses. torch's split/chunk/unbind export as SplitToSequence when
-    onnxscript's optimizer is off (SANA, ../shared/FINDINGS.md). Edits ``model`` in place; returns how many
-    were lowered. BuildError for a sequence op this cannot lower (dynamic split sizes or positions)."""
+    onnxscript's optimizer is off (SANA's graphs: `ComponentSpec.optimize`). Edits ``model`` in place; returns
+    how many were lowered. BuildError for a sequence op this cannot lower (dynamic split sizes or positions)."""
     import onnx
     from onnx import helper, numpy_helper
 
