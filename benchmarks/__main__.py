@@ -18,8 +18,7 @@ import sys
 from pathlib import Path
 
 from benchmarks.errors import BenchmarkError
-
-BACKBONES = ("wan", "flux", "sana")
+from metacanvas_deploy.runtime.backbones import BACKBONES  # the same names as the compiler's registry (torch-free)
 
 
 def _common(p: argparse.ArgumentParser, runs: int, warmup: int) -> None:

@@ -23,6 +23,7 @@ from metacanvas_deploy.mc_export.errors import ConfigError
 from metacanvas_deploy.mc_export.models import config
 from metacanvas_deploy.mc_export.models.metacanvas import MetaCanvas
 from metacanvas_deploy.mc_export.models.presets import PRESETS
+from metacanvas_deploy.runtime.backbones import BACKBONES as RUNTIME_BACKBONES
 from metacanvas_deploy.runtime.backbones import backbone_module
 
 NAMES = sorted(BACKBONES)
@@ -43,6 +44,11 @@ def _dit_weight_names(name: str) -> tuple[list[str], int]:
 def test_every_backbone_has_a_runtime_host(name):
     host = importlib.import_module(f"metacanvas_deploy.runtime.backbones.{get(name).runtime_host}")
     assert backbone_module(name) is host  # a bundle's manifest names the backbone; the runtime finds this module
+
+
+def test_the_runtime_serves_the_registered_backbones_and_no_other():
+    """The runtime's (torch-free) list, which the benchmarks' CLI offers, is the registry's."""
+    assert set(RUNTIME_BACKBONES) == set(BACKBONES)
 
 
 @pytest.mark.parametrize("name", NAMES)
