@@ -57,7 +57,7 @@ def build_quantized(cfg, model, recipe: Recipe, ranges, steps: int, weights_dige
         scratch = Path(scratch)
         if w.cached(float_cfg.out, float_key):
             log(f"{float_cfg.out}: float bundle up to date (cache key {float_key[:12]})")
-            raws = {stage: _raw_export(components[stage], scratch, model) for stage in recipe.stages}
+            raws = {stage: _raw_export(components[stage], scratch, model, cfg.target) for stage in recipe.stages}
         else:  # None: the bundle ships that stage's raw export as it is (a lazy stage too large to optimise)
             raws = w.build_float(float_cfg, model, ranges, steps, float_key, log, raw_dir=scratch,
                                  keep_raw=recipe.stages)
@@ -91,11 +91,11 @@ def build_quantized(cfg, model, recipe: Recipe, ranges, steps: int, weights_dige
     return Path(cfg.out)
 
 
-def _raw_export(comp, scratch: Path, model) -> Path:
+def _raw_export(comp, scratch: Path, model, target: str) -> Path:
     """The stage's raw export, for a float bundle found in the cache (its files are ONNX Runtime's optimised
     graphs)."""
     raw = scratch / f"{comp.spec.stage}.raw.onnx"
-    export_component(comp, raw, weights=getattr(model, "lazy_weights", None))
+    export_component(comp, raw, weights=getattr(model, "lazy_weights", None), fused_attention=target != "tensorrt")
     return raw
 
 

@@ -86,7 +86,7 @@ def write_stages(components: dict[str, Component], bundle_dir: Path, cfg, log, w
             bar.set_postfix_str(stage)
             kept = stage in keep_raw and raw_dir is not None
             raw = (Path(raw_dir) / f"{stage}.raw.onnx") if kept else Path(scratch) / f"{stage}.onnx"
-            export_component(comp, raw, weights=weights)
+            export_component(comp, raw, weights=weights, fused_attention=cfg.target != "tensorrt")
             if cfg.target == "tensorrt":
                 final, entry = tensorrt_engine(comp, raw, bundle_dir, cfg, log)
             else:

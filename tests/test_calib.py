@@ -349,6 +349,33 @@ def test_calib_report_measures_the_bundle_against_its_float_bundle(int8_bundle, 
     assert main(["report", "--bundle", str(int8_bundle[0].parent / "sana-fp32")]) == 2  # not a quantized bundle
 
 
+def test_verify_and_report_fail_a_quantized_stage_that_went_wrong(int8_bundle, tmp_path, capsys):
+    """A quantized denoise graph whose float weights were changed after the build (hashes resealed, as an editor
+    of both would): the bundle still loads, but `verify` and `calib report` measure it against the float bundle
+    and fail, naming the stage and the missed budget."""
+    from test_bundle import reseal
+
+    from metacanvas_deploy.calib.__main__ import main
+    from metacanvas_deploy.mc_export.build import verify
+    from metacanvas_deploy.mc_export.errors import StageParityError
+
+    path = tmp_path / "sana"
+    shutil.copytree(int8_bundle[0], path)
+    model = onnx.load(str(path / "denoise.onnx"))  # weights read from denoise.onnx.data
+    floats = [t for t in model.graph.initializer if t.data_type == TensorProto.FLOAT and np.prod(t.dims) >= 64]
+    for t in floats:
+        t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * np.float32(3.0), t.name))
+    (path / "denoise.onnx.data").unlink()
+    onnx.save(model, str(path / "denoise.onnx"), save_as_external_data=True, location="denoise.onnx.data",
+              size_threshold=1024)  # small shape constants stay inline, as calib.graph writes them
+    for rel in ("denoise.onnx", "denoise.onnx.data"):
+        reseal(path, rel)
+    with pytest.raises(StageParityError, match="denoise.*misses its accuracy budget"):
+        verify(path)
+    assert main(["report", "--bundle", str(path)]) == 2
+    assert "misses its accuracy budget" in capsys.readouterr().err
+
+
 def test_layers_whose_weight_the_exporter_renamed_are_named_by_their_module_path():
     """With onnxscript's optimizer on, a folded `Transpose(W)` becomes `val_N`; the recipe's keep-float patterns
     must still see the module path, which the exporter leaves in the node's name_scopes."""
