@@ -61,14 +61,17 @@ def _add_reference(sub) -> None:
 
 def _cmd_reference(args) -> None:
     from metacanvas_deploy.mc_export.models.metacanvas import MetaCanvas
-    from metacanvas_deploy.runtime.media import read_image, read_video, write_media
+    from metacanvas_deploy.runtime.media import check_output, read_image, read_video, write_media
 
+    # the output and the media are checked before the model loads; a video task writes its default frames
+    frames = args.frames if args.frames is not None else (1 if args.task in ("t2i", "edit") else 2)
+    check_output(args.out, frames)
+    image = read_image(args.image) if args.image else None
+    video = read_video(args.video) if args.video else None
+    references = [read_image(r) for r in args.reference] or None
     model = MetaCanvas.from_pretrained(args.checkpoint)
     out = model.generate(
-        args.task, args.prompt, args.negative_prompt,
-        image=read_image(args.image) if args.image else None,
-        video=read_video(args.video) if args.video else None,
-        reference_images=[read_image(r) for r in args.reference] or None,
+        args.task, args.prompt, args.negative_prompt, image=image, video=video, reference_images=references,
         height=args.height, width=args.width, num_frames=args.frames, num_inference_steps=args.steps,
         guidance_scale=args.guidance, seed=args.seed,
     )

@@ -287,3 +287,10 @@ def test_threads_are_bounded(bundles):
     for threads in (0, -2, 10**6, 1.5):
         with pytest.raises(RuntimeInputError, match="threads must be"):
             Pipeline.load(bundles["sana"], threads=threads)
+
+
+def test_reference_checks_its_output_before_loading_the_model(tmp_path: Path):
+    """The checkpoint does not even exist: the output error comes first, before any loading."""
+    res = cli("mc_export", "reference", "--checkpoint", str(tmp_path / "nowhere"), "--task", "t2v",
+              "--prompt", "a fox", "--out", str(tmp_path / "fox.png"), "--frames", "9")
+    assert_one_line_error(res, "9 frames cannot be written to fox.png")
