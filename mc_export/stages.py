@@ -42,18 +42,25 @@ def plan_stages(model, ranges: BuildRanges) -> dict[str, Component]:
 
 def gate_stage(comp: Component, engine, weights=None, tolerance=None) -> tuple[list, str]:
     """The stage's parity gate (raises StageParityError on a miss) for an ONNX file or an engine callable.
-    With lazy ``weights``, the stage is loaded alone for the gate when it fits the memory budget; otherwise it
-    is not gated. Returns (rows, why not gated): rows empty when skipped."""
+    With lazy ``weights``, the stage's reference is loaded alone when it fits the memory budget, else run with
+    its weights streamed block by block (`models.streaming`); only a stage whose resident part and largest block
+    together exceed the budget is not gated. Returns (rows, why not gated): rows empty when skipped."""
     from metacanvas_deploy.mc_export.models.lazy import fp32_bytes, materialized, memory_budget
+    from metacanvas_deploy.mc_export.models.streaming import resident_bytes, streamed
 
     if weights is None:
         return parity_gate(comp, engine, tolerance=tolerance), ""
     module = comp.module()
     need, budget = fp32_bytes(module), memory_budget()
-    if need > budget:
-        return [], (f"{need / 2**30:.1f} GiB of fp32 weights > the {budget / 2**30:.1f} GiB budget; run "
+    if need <= budget:
+        with materialized(module, weights):
+            return parity_gate(comp, engine, tolerance=tolerance), ""
+    resident, block = resident_bytes(module)
+    if resident + block > budget:
+        return [], (f"even streamed block by block, {(resident + block) / 2**30:.1f} GiB of fp32 weights (resident "
+                    f"{resident / 2**30:.1f} GiB + the largest block) > the {budget / 2**30:.1f} GiB budget; run "
                     f"`python -m mc_export verify --bundle DIR` on a machine with ~{3 * need / 2**30:.0f} GiB")
-    with materialized(module, weights):
+    with streamed(module, weights):
         return parity_gate(comp, engine, tolerance=tolerance), ""
 
 
