@@ -28,6 +28,7 @@ from metacanvas_deploy.mc_export.errors import ConfigError
 from metacanvas_deploy.mc_export.export.onnx_export import export_component
 from metacanvas_deploy.mc_export.stages import plan_stages, tensorrt_engine
 from metacanvas_deploy.runtime.bundle import load_bundle, write_bundle
+from metacanvas_deploy.runtime.manifest_fields import thaw
 
 
 def float_bundle_path(cfg) -> Path:
@@ -85,7 +86,8 @@ def build_quantized(cfg, model, recipe: Recipe, ranges, steps: int, weights_dige
             gates.update({stage: "against the float bundle (build.quantization)" for stage in recipe.stages})
             quantization = {"float_bundle": str(Path(float_cfg.out).resolve()), "float_cache_key": float_key,
                             "stages": records}
-            return w.manifest(cfg, model, ranges, steps, key, engines, files, gates, quantization)
+            records = {s: r for s, r in thaw(m.build.get("stages", {})).items() if s not in recipe.stages}
+            return w.manifest(cfg, model, ranges, steps, key, engines, files, gates, quantization, records)
 
         write_bundle(cfg.out, populate)
     return Path(cfg.out)

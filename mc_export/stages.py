@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
@@ -15,6 +17,7 @@ from metacanvas_deploy.mc_export.components.ranges import BuildRanges
 from metacanvas_deploy.mc_export.components.spec import Component
 from metacanvas_deploy.mc_export.components.vision import VisionComponent
 from metacanvas_deploy.mc_export.export.onnx_export import export_component, parity_gate
+from metacanvas_deploy.runtime.memory import rss_phase
 
 # Tasks whose planner sees images or video (vision encoder stage).
 _VISION_TASKS = {"edit", "i2v", "v2v", "r2v"}
@@ -77,46 +80,72 @@ def _place(raw: Path, final: Path, weights, comp: Component) -> None:
     optimize_for_ort(raw, final)
 
 
-def write_stages(components: dict[str, Component], bundle_dir: Path, cfg, log, weights=None,
-                 raw_dir: Path | None = None, keep_raw: tuple[str, ...] = ()):
-    """Export, optimise and gate every stage into ``bundle_dir``. Returns (engines, extra files, gates, raws) for
-    the manifest; gates: stage -> "passed" or why it was not gated. A stage that misses its tolerance raises
-    StageParityError and the bundle is never written. ``weights``: lazy weights (`mc_export.models.lazy`).
-    The raw exports of the ``keep_raw`` stages stay in ``raw_dir`` (quantization starts from them): raws maps
-    each to its path, or to None where the bundle's own file is that raw export."""
-    import onnxruntime as ort
+@dataclass
+class WrittenStages:
+    """What `write_stages` leaves for the manifest: engine entries, extra files (external data), each stage's
+    gate verdict ("passed" or why not gated), the raw exports kept for quantization (path, or None where the
+    bundle's own file is that raw export), and per-stage records: seconds to export and to gate, peak resident and
+    private memory, bytes written."""
 
-    engines, files, gates, raws = {}, {}, {}, {}
+    engines: dict = field(default_factory=dict)
+    files: dict = field(default_factory=dict)
+    gates: dict = field(default_factory=dict)
+    raws: dict = field(default_factory=dict)
+    records: dict = field(default_factory=dict)
+
+
+def write_stages(components: dict[str, Component], bundle_dir: Path, cfg, log, weights=None,
+                 raw_dir: Path | None = None, keep_raw: tuple[str, ...] = ()) -> WrittenStages:
+    """Export, optimise and gate every stage into ``bundle_dir``. A stage that misses its tolerance raises
+    StageParityError and the bundle is never written. ``weights``: lazy weights (`mc_export.models.lazy`). The
+    raw exports of the ``keep_raw`` stages stay in ``raw_dir`` (quantization starts from them)."""
+    out = WrittenStages()
     with tempfile.TemporaryDirectory(prefix="mc_export-") as scratch:
         bar = tqdm(components.items(), desc="stages", unit="stage", disable=None)
         for stage, comp in bar:
             bar.set_postfix_str(stage)
             kept = stage in keep_raw and raw_dir is not None
             raw = (Path(raw_dir) / f"{stage}.raw.onnx") if kept else Path(scratch) / f"{stage}.onnx"
-            export_component(comp, raw, weights=weights, fused_attention=cfg.target != "tensorrt")
-            if cfg.target == "tensorrt":
-                final, entry = tensorrt_engine(comp, raw, bundle_dir, cfg, log)
-            else:
-                final = bundle_dir / f"{stage}.onnx"
-                _place(raw, final, weights, comp)
-                entry = comp.spec.engine_entry(final.name, "onnxruntime", ort.__version__, cfg.precision,
-                                               external_data=_external(bundle_dir, stage))
-            gates[stage] = "not run (--no-verify)"
-            if cfg.verify:
-                rows, skipped = gate_stage(comp, final if cfg.target != "tensorrt" else _trt_runner(final, entry),
-                                           weights, _tolerance(cfg))
-                gates[stage] = f"not gated: {skipped}" if skipped else "passed"
-                if rows:
-                    worst = max(rows, key=lambda r: r.max_rel)
-                    log(f"  {stage}: parity ok (worst {worst.output} max_rel {worst.max_rel:.2e}, "
-                        f"cosine {min(r.cosine for r in rows):.7f})")
-                else:
-                    log(f"  {stage}: parity gate skipped: {skipped}")
-            files.update({name: "" for name in entry.external_data})
-            engines[stage] = entry
+            with rss_phase() as memory:
+                entry, out.gates[stage], out.records[stage] = _write_stage(comp, raw, bundle_dir, cfg, log, weights)
+            out.records[stage].update(peak_rss_mb=round(memory["peak_mb"], 1),
+                                      end_private_mb=memory["end_private_mb"], memory_scope=memory["scope"])
+            out.files.update({name: "" for name in entry.external_data})
+            out.engines[stage] = entry
             if kept:
-                raws[stage] = raw if raw.exists() else None
-    return engines, files, gates, raws
+                out.raws[stage] = raw if raw.exists() else None
+    return out
+
+
+def _write_stage(comp: Component, raw: Path, bundle_dir: Path, cfg, log, weights):
+    """One stage: export, place (ORT) or build (TensorRT), gate. Returns (entry, gate verdict, record)."""
+    import onnxruntime as ort
+
+    stage = comp.spec.stage
+    started = time.perf_counter()
+    export_component(comp, raw, weights=weights, fused_attention=cfg.target != "tensorrt")
+    if cfg.target == "tensorrt":
+        final, entry = tensorrt_engine(comp, raw, bundle_dir, cfg, log)
+    else:
+        final = bundle_dir / f"{stage}.onnx"
+        _place(raw, final, weights, comp)
+        entry = comp.spec.engine_entry(final.name, "onnxruntime", ort.__version__, cfg.precision,
+                                       external_data=_external(bundle_dir, stage))
+    exported = time.perf_counter()
+    gate = "not run (--no-verify)"
+    if cfg.verify:
+        rows, skipped = gate_stage(comp, final if cfg.target != "tensorrt" else _trt_runner(final, entry),
+                                   weights, _tolerance(cfg))
+        gate = f"not gated: {skipped}" if skipped else "passed"
+        if rows:
+            worst = max(rows, key=lambda r: r.max_rel)
+            log(f"  {stage}: parity ok (worst {worst.output} max_rel {worst.max_rel:.2e}, "
+                f"cosine {min(r.cosine for r in rows):.7f})")
+        else:
+            log(f"  {stage}: parity gate skipped: {skipped}")
+    written = sum(f.stat().st_size for f in (final, *(bundle_dir / n for n in entry.external_data)))
+    return entry, gate, {"export_s": round(exported - started, 2),
+                         "gate_s": round(time.perf_counter() - exported, 2), "bytes": written}
 
 
 def _external(bundle_dir: Path, stage: str) -> tuple[str, ...]:

@@ -96,11 +96,11 @@ def build_float(cfg, model, ranges: BuildRanges, steps: int, key: str, log, raw_
     raws: dict[str, Path | None] = {}
 
     def populate(tmp: Path) -> Manifest:
-        engines, files, gates, kept = write_stages(components, tmp, cfg, log, getattr(model, "lazy_weights", None),
-                                                   raw_dir, keep_raw)
-        raws.update(kept)
-        files.update(_write_tokenizer(model, tmp))
-        return manifest(cfg, model, ranges, steps, key, engines, files, gates)
+        written = write_stages(components, tmp, cfg, log, getattr(model, "lazy_weights", None), raw_dir, keep_raw)
+        raws.update(written.raws)
+        files = {**written.files, **_write_tokenizer(model, tmp)}
+        return manifest(cfg, model, ranges, steps, key, written.engines, files, written.gates,
+                        stage_records=written.records)
 
     write_bundle(cfg.out, populate)
     return raws
@@ -112,7 +112,7 @@ def _write_tokenizer(model, tmp: Path) -> dict[str, str]:
 
 
 def manifest(cfg, model, ranges: BuildRanges, steps: int, key: str, engines, files,
-             gates: dict[str, str], quantization: dict | None = None) -> Manifest:
+             gates: dict[str, str], quantization: dict | None = None, stage_records: dict | None = None) -> Manifest:
     """Every bundle's manifest (float or quantized: ``quantization`` is `build.quantization`)."""
     from metacanvas_deploy.mc_export.components.common import scheduler_config as scheduler_config_of
     from metacanvas_deploy.runtime.schedulers import make_plan
@@ -146,6 +146,7 @@ def manifest(cfg, model, ranges: BuildRanges, steps: int, key: str, engines, fil
                            "tokens_per_second": qwen.vision_config.tokens_per_second,
                            "max_prompt_tokens": mc.max_prompt_tokens},
                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+               "stages": stage_records or {},
                **({"quantization": quantization} if quantization is not None else {})},
     )
 

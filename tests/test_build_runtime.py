@@ -235,3 +235,18 @@ def test_low_memory_mode_holds_one_stage_at_a_time_and_generates_the_same(bundle
     assert not any(e.loaded for e in pipe.engines.values())
     np.testing.assert_array_equal(out.frames, ref.frames)
     assert out.timings.keys() == ref.timings.keys()
+
+
+def test_the_manifest_records_each_stages_cost(bundles):
+    """Per stage: export and gate seconds, peak resident and private memory, and the bytes it wrote (exactly the
+    engine file plus its external data)."""
+    from metacanvas_deploy.runtime.bundle import load_bundle
+
+    bundle = load_bundle(bundles["wan"])
+    records = bundle.manifest.build["stages"]
+    assert set(records) == set(bundle.manifest.engines)
+    for stage, entry in bundle.manifest.engines.items():
+        rec = records[stage]
+        files = [entry.file, *entry.external_data]
+        assert rec["bytes"] == sum((bundle.path / f).stat().st_size for f in files)
+        assert rec["export_s"] > 0 and rec["gate_s"] > 0 and rec["peak_rss_mb"] > 0
