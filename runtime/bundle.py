@@ -23,6 +23,7 @@ Writing (`write_bundle(out_dir, populate)`), the guarantee: a reader of `out_dir
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import os
 import secrets
@@ -121,7 +122,7 @@ def write_bundle(out_dir: str | Path, populate: Callable[[Path], Manifest]) -> M
         _refuse_non_bundle(out)
         tmp = _fresh_dir(out, "tmp")
         try:
-            manifest = populate(tmp)
+            manifest = _populate(populate, tmp, out)
             if not isinstance(manifest, Manifest):
                 raise BundleWriteError(f"populate() must return a Manifest, got {type(manifest).__name__}")
             sealed = _seal(tmp, manifest)
@@ -133,6 +134,21 @@ def write_bundle(out_dir: str | Path, populate: Callable[[Path], Manifest]) -> M
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return sealed
+
+
+def _populate(populate: Callable[[Path], Manifest], tmp: Path, out: Path) -> Manifest:
+    """`populate(tmp)`, with a full disk turned into one clear error (the caller removes `tmp`)."""
+    try:
+        return populate(tmp)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        written = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
+        free = shutil.disk_usage(out.parent).free
+        raise BundleWriteError(f"the disk under {out.parent} filled up after {written / 2**30:.2f} GiB of the new "
+                               f"bundle ({free / 2**30:.2f} GiB free now); the partial bundle is removed and "
+                               f"{'the previous bundle is untouched' if out.exists() else 'nothing else changed'}. "
+                               "Free space or choose another --out") from None
 
 
 def _seal(tmp: Path, manifest: Manifest) -> Manifest:

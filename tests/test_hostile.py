@@ -294,3 +294,22 @@ def test_reference_checks_its_output_before_loading_the_model(tmp_path: Path):
     res = cli("mc_export", "reference", "--checkpoint", str(tmp_path / "nowhere"), "--task", "t2v",
               "--prompt", "a fox", "--out", str(tmp_path / "fox.png"), "--frames", "9")
     assert_one_line_error(res, "9 frames cannot be written to fox.png")
+
+
+def test_a_disk_that_fills_mid_write_keeps_the_previous_bundle(tmp_path: Path):
+    import errno
+    import os
+
+    out = tmp_path / "bundle"
+    write_bundle(out, populate_ok)
+    before = snapshot(out)
+
+    def fills_up(tmp: Path):
+        populate_ok(tmp)
+        (tmp / "big.onnx").write_bytes(b"x" * 1000)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # what a full disk raises mid-write
+
+    with pytest.raises(BundleWriteError, match="filled up.*partial bundle is removed.*previous bundle is untouched"):
+        write_bundle(out, fills_up)
+    assert snapshot(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == ["bundle"]
