@@ -27,3 +27,8 @@ class BundleMismatchError(CalibError, ValueError):
 class AccuracyBudgetError(CalibError):
     """A quantized stage that misses its accuracy budget after every fallback round; the message holds the
     measured numbers and the shortfall."""
+
+
+class ExternalDataError(CalibError):
+    """An ONNX external-data file not laid out as the compiler writes it: a tensor whose offset is not aligned
+    for memory mapping, in another file, without a length, or overlapping another (`calib.external_data`)."""

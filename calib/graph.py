@@ -12,6 +12,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from metacanvas_deploy.calib.external_data import MIN_EXTERNAL_BYTES, realign, save_aligned
+
 TWO_GB = 2**31 - 2**20  # protobuf's hard limit, less a margin for the graph itself
 # Layers with a weight: the quantizable ones. Attention's activation x activation MatMuls have no initializer.
 WEIGHT_OPS = ("MatMul", "Conv", "Gemm")
@@ -31,31 +33,38 @@ def external_data(path: Path) -> Path | None:
 
 
 def optimize_for_ort(src: Path, dst: Path) -> None:
-    """ONNX Runtime's offline graph optimisation (constant folding, fusions) saved to ``dst``.
+    """ONNX Runtime's offline graph optimisation (constant folding, fusions) saved to ``dst``; with external data,
+    its weights go to ``<dst>.data``, each tensor aligned for memory mapping (`calib.external_data.realign`).
 
     EXTENDED, not ALL: ALL adds layout transforms for the building machine's CPU, which ORT applies again at
-    load time anyway; an EXTENDED file stays valid on any CPU running the same ORT minor release.
+    load time anyway; an EXTENDED file stays valid on any CPU running the same ORT minor release. Prepacking and
+    the arena are off: neither changes the saved graph, and prepacking would copy every weight into private
+    memory for a session that is only built to be saved.
     """
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     so.optimized_model_filepath = str(dst)
-    if Path(str(src) + ".data").exists():
+    so.enable_cpu_mem_arena = False
+    so.add_session_config_entry("session.disable_prepacking", "1")
+    external = Path(str(src) + ".data").exists()
+    if external:
         so.add_session_config_entry("session.optimized_model_external_initializers_file_name", dst.name + ".data")
-        so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+        so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
+                                    str(MIN_EXTERNAL_BYTES))
     ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
+    if external:
+        realign(dst)
 
 
 def save_model(model: onnx.ModelProto, path: Path) -> None:
-    """Write ``model`` to ``path``, its weights to ``<path>.data`` when they pass `EXTERNAL_DATA_BYTES`. (The
-    weights then leave ``model``'s memory.)"""
+    """Write ``model`` to ``path``, its weights to ``<path>.data`` (each aligned for memory mapping) when they pass
+    `EXTERNAL_DATA_BYTES`. (The weights then leave ``model``'s memory.)"""
     path = Path(path)
-    data = path.with_name(path.name + ".data")
-    data.unlink(missing_ok=True)  # onnx appends to an existing data file
+    path.with_name(path.name + ".data").unlink(missing_ok=True)
     if sum(t.ByteSize() for t in model.graph.initializer) > EXTERNAL_DATA_BYTES:
-        onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name,
-                  size_threshold=1024)
+        save_aligned(model, path)
     else:
         onnx.save(model, str(path))
 

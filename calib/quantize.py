@@ -284,7 +284,7 @@ def evaluate(pipe, stage: str, candidate, held_feeds: Sequence[dict], held_reqs,
 
     float_engine = pipe.engines[stage]
     entry = dataclasses.replace(float_engine.entry, backend="onnxruntime", backend_version=ort_version())
-    quant = load_engine(candidate, entry, threads, on_demand=pipe.low_memory)
+    quant = load_engine(candidate, entry, threads, on_demand=pipe.low_memory, mapped=pipe.mapped)
     cos, rel = 1.0, 0.0
     for f in held_feeds:
         c, r = update_cosine(f, quant(f)["next_sample"], float_engine(f)["next_sample"])

@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
     p.add_argument("--low-memory", action="store_true",
-                   help="open each stage's engine only while it runs (one stage resident at a time)")
+                   help="open each stage's engine only while it runs (one stage resident at a time), its "
+                        "weights memory-mapped from the bundle instead of copied")
     p.add_argument("--out", required=True, help=".png for images, .mp4 or .gif for video")
     p.set_defaults(func=_generate)
     args = parser.parse_args(argv)

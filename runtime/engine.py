@@ -7,6 +7,19 @@ count (see its docstring), `runtime.trt_engine.TrtEngine` by serialising its cal
 
 The ONNX Runtime backend lives here; the TensorRT backend (device buffers, CUDA graphs) is imported lazily
 by `load_engine` only for a TensorRT engine, so CPU users never need TensorRT installed.
+
+Mapped weights (``mapped=True``, the low-memory mode's default; `session_options`): ONNX Runtime memory-maps
+external data, so weights stay in the page cache, shared and file-backed, rather than copied into the
+process's private memory, unless something copies them. Three things do, and a mapped session turns them off:
+MLAS prepacking (every constant MatMul/Conv weight repacked into private memory), the graph optimisers at load
+(layout transforms such as NCHWc rewrite Conv weights as new private initializers: measured, a Conv stack of
+75 MB of weights held 145 MB private under ORT_ENABLE_ALL without prepacking, 1.4 MB with optimisation off) and
+the CPU arena (it keeps freed activation blocks). A bundle's ONNX Runtime files were optimised at build time
+(`calib.graph.optimize_for_ort`, EXTENDED) and load with optimisation off; a stage too large to optimise at
+build time then runs unoptimised, slower but within memory. The price: the results differ from a copying
+session's by float32 rounding (prepacked GEMMs block K differently, ALL-level kernels differ; measured on every
+stage of the tiny bundles: <= 1.2e-6 of the largest output, final latents <= 4.9e-7, frames within one uint8
+level); mapped sessions agree with each other bit for bit, resident or on demand (tests/test_mapped_weights.py).
 """
 
 from __future__ import annotations
@@ -29,17 +42,13 @@ class OrtEngine:
     dtypes, shapes within the build's ranges) before running; `seconds` accumulates wall time per call.
     Thread-safe: ONNX Runtime runs concurrent `run` calls on one session; only the counters need a lock."""
 
-    def __init__(self, path: Path, entry: EngineEntry, threads: int | None = None):
+    def __init__(self, path: Path, entry: EngineEntry, threads: int | None = None, mapped: bool = False):
         import onnxruntime as ort
 
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            so.intra_op_num_threads = threads
-            so.inter_op_num_threads = 1
-        self.entry = entry
+        self.entry, self.mapped = entry, mapped
         try:
-            self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(str(path), session_options(threads, mapped),
+                                                providers=["CPUExecutionProvider"])
         except Exception as e:  # ORT raises its own classes for corrupt graphs
             raise BundleError(f"ONNX Runtime cannot load {path.name} ({e}); rebuild the bundle") from e
         names = [i.name for i in self.session.get_inputs()], [o.name for o in self.session.get_outputs()]
@@ -67,23 +76,44 @@ class OrtEngine:
         return dict(zip(self.output_names, outs)), elapsed
 
 
-def _open(path: Path, entry: EngineEntry, threads: int | None):
+def session_options(threads: int | None = None, mapped: bool = False):
+    """ONNX Runtime's options for a bundle engine: every graph optimisation, or with ``mapped`` (see the module
+    docstring) none, no prepacking and no arena, so that external-data weights stay memory-mapped."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    if mapped:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        so.add_session_config_entry("session.disable_prepacking", "1")
+        so.enable_cpu_mem_arena = False
+    return so
+
+
+def _open(path: Path, entry: EngineEntry, threads: int | None, mapped: bool = False):
     if entry.backend == "tensorrt":
         from metacanvas_deploy.runtime.trt_engine import TrtEngine
 
         return TrtEngine(path, entry)
-    return OrtEngine(path, entry, threads)
+    return OrtEngine(path, entry, threads, mapped)
 
 
 def load_engine(path: Path, entry: EngineEntry, threads: int | None = None, on_demand: bool = False,
-                expected: Mapping[Path, tuple[str, int | None]] | None = None, verify_hashes: bool = True):
+                expected: Mapping[Path, tuple[str, int | None]] | None = None, verify_hashes: bool = True,
+                mapped: bool | None = None):
     """The engine object for a manifest entry's backend (the manifest allows onnxruntime and tensorrt). A TensorRT
     engine imports tensorrt and cuda-python only here; without them it is a BundleError that says to run the
     bundle on an NVIDIA GPU with TensorRT or to rebuild it with --target onnxruntime. ``on_demand``: the
-    low-memory mode (`OnDemandEngine`, which re-checks ``expected`` files at every open)."""
+    low-memory mode (`OnDemandEngine`, which re-checks ``expected`` files at every open). ``mapped``: an ONNX
+    Runtime session that maps its weights instead of copying them (module docstring); default: as
+    ``on_demand``. TensorRT engines ignore it."""
+    mapped = on_demand if mapped is None else mapped
     if on_demand:
-        return OnDemandEngine(path, entry, threads, expected, verify_hashes)
-    return _open(path, entry, threads)
+        return OnDemandEngine(path, entry, threads, expected, verify_hashes, mapped)
+    return _open(path, entry, threads, mapped)
 
 
 class OnDemandEngine:
@@ -95,7 +125,8 @@ class OnDemandEngine:
     Thread-safe by a lock and a reference count: every call, and every `hold()` block, counts as a user of the
     open engine. `release()` frees it at once when nobody uses it, otherwise when the last user leaves; so a
     `release()` from one thread never pulls the engine from under a call running in another, and a call after
-    a release opens it again.
+    a release opens it again. ``mapped`` (`load_engine`'s default for it): its ONNX Runtime session maps the
+    weights (module docstring), so an open costs page-ins from the page cache rather than a private copy.
 
     ``expected`` (path -> (sha256, size or None), the engine file and its external data as the manifest lists
     them): every open first re-checks those files, sizes always and sha256 unless ``verify_hashes`` is False,
@@ -106,12 +137,13 @@ class OnDemandEngine:
     calibration candidate) the caller vouches for the file."""
 
     def __init__(self, path: Path, entry: EngineEntry, threads: int | None = None,
-                 expected: Mapping[Path, tuple[str, int | None]] | None = None, verify_hashes: bool = True):
+                 expected: Mapping[Path, tuple[str, int | None]] | None = None, verify_hashes: bool = True,
+                 mapped: bool = False):
         if entry.backend == "tensorrt":
             from metacanvas_deploy.runtime.trt_engine import check_device, device_identity
 
             check_device(entry.device or {}, device_identity(), entry.precision)
-        self.path, self.entry, self.threads = Path(path), entry, threads
+        self.path, self.entry, self.threads, self.mapped = Path(path), entry, threads, mapped
         self._expected = dict(expected or {})
         self._verify_hashes = verify_hashes
         self._lock = threading.Lock()  # guards _engine, _users, _free_when_idle and the counters
@@ -128,7 +160,7 @@ class OnDemandEngine:
         with self._lock:
             if self._engine is None:
                 check_unchanged(self._expected, self._verify_hashes, self.entry.stage)
-                self._engine = _open(self.path, self.entry, self.threads)
+                self._engine = _open(self.path, self.entry, self.threads, self.mapped)
             self._users += 1
             return self._engine
 

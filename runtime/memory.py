@@ -40,6 +40,20 @@ def status_kb(key: str) -> int | None:
     return None
 
 
+def private_mb() -> float | None:
+    """This process's resident private memory in MiB (RssAnon: heap, arenas, copied weights; what a process
+    cannot share or drop without swapping); None where /proc does not tell."""
+    kb = status_kb("RssAnon")
+    return None if kb is None else kb / 1024.0
+
+
+def file_backed_mb() -> float | None:
+    """This process's resident file-backed memory in MiB (RssFile: mapped files, memory-mapped weights and the
+    libraries; pages the kernel can drop and read again from the file); None where /proc does not tell."""
+    kb = status_kb("RssFile")
+    return None if kb is None else kb / 1024.0
+
+
 def _ru_maxrss_kb() -> int:
     raw = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return raw // 1024 if sys.platform == "darwin" else raw  # bytes on macOS, KiB on Linux
@@ -60,15 +74,15 @@ def lifetime_peak_rss_mb() -> float:
 def rss_phase() -> Iterator[dict]:
     """Measure one phase's peak resident memory. Yields a dict that, on exit, holds ``peak_mb`` (the high-water
     mark reached inside the phase, the memory held when it began included), ``end_mb`` (resident at exit, where
-    /proc tells), ``end_private_mb`` (the anonymous part of it: not file-backed, so not mapped weights) and ``scope``: "phase" when the kernel's high-water mark could be reset at entry, "process
-    lifetime" otherwise (then ``peak_mb`` may come from an earlier phase)."""
+    /proc tells), ``end_private_mb`` (the anonymous part of it: not file-backed, so not mapped weights) and
+    ``scope``: "phase" when the kernel's high-water mark could be reset at entry, "process lifetime" otherwise
+    (then ``peak_mb`` may come from an earlier phase)."""
     scoped = _reset_peak_rss()
     record: dict = {}
     yield record
-    end_kb, anon_kb = status_kb("VmRSS"), status_kb("RssAnon")
+    end_kb = status_kb("VmRSS")
     record.update(peak_mb=peak_rss_mb(), end_mb=None if end_kb is None else end_kb / 1024.0,
-                  end_private_mb=None if anon_kb is None else anon_kb / 1024.0,
-                  scope="phase" if scoped else "process lifetime")
+                  end_private_mb=private_mb(), scope="phase" if scoped else "process lifetime")
 
 
 def available_bytes() -> int:

@@ -9,8 +9,16 @@ for a 400 MB file with 50k nodes and 5k initializers; an external-data model's .
 The field numbers are those of onnx/onnx.proto (stable since ONNX 1.0; protobuf never renumbers fields).
 
 It does not validate the model (ONNX Runtime does that when it loads the file); it only answers "which files
-would this model read?", which is what the bundle verifier needs. A walk is iterative, so a hostile file with
-deeply nested subgraphs cannot exhaust Python's recursion limit.
+would this model read, and where in them?", which is what the bundle verifier and `misaligned` need. A walk is
+iterative, so a hostile file with deeply nested subgraphs cannot exhaust Python's recursion limit.
+
+Alignment: ONNX Runtime on CPU memory-maps external data instead of reading it into private memory (the
+pages are then shared with the page cache: file-backed, not private, and dropped under memory pressure rather
+than swapped). The operating system maps at multiples of its allocation granularity: 4 KiB pages on most Linux
+machines, 64 KiB on Windows and on ARM64 kernels built with 64 KiB pages. ONNX Runtime 1.32 on Linux rounds an
+unaligned offset down to a page itself (measured: an unaligned file mapped as well), but its own writer aligns
+and other platforms need it, so every writer of the compiler starts each external tensor at a multiple of
+`EXTERNAL_DATA_ALIGNMENT` (64 KiB: a multiple of all of the above); `misaligned` names the tensors that do not.
 """
 
 from __future__ import annotations
@@ -32,6 +40,8 @@ _CHILDREN = {
 }
 _TENSOR_NAME, _TENSOR_EXTERNAL_DATA, _TENSOR_DATA_LOCATION = 8, 13, 14  # TensorProto fields
 _DATA_LOCATION_EXTERNAL = 1
+# The offset every external tensor of a bundle starts at a multiple of (see the module docstring).
+EXTERNAL_DATA_ALIGNMENT = 1 << 16
 
 
 class MalformedOnnxError(ValueError):
@@ -41,10 +51,13 @@ class MalformedOnnxError(ValueError):
 @dataclass(frozen=True)
 class ExternalRef:
     """One tensor stored outside the .onnx file. `location` is as written in the file (relative to the .onnx
-    file's directory per the ONNX spec), or None when the tensor says EXTERNAL but names no location."""
+    file's directory per the ONNX spec), or None when the tensor says EXTERNAL but names no location. `offset`
+    and `length` in bytes as written (None where the file gives none: offset 0, length to the end)."""
 
     tensor: str
     location: str | None
+    offset: int | None = None
+    length: int | None = None
 
 
 def external_data_refs(path: str | Path) -> list[ExternalRef]:
@@ -56,6 +69,12 @@ def external_data_refs(path: str | Path) -> list[ExternalRef]:
             raise MalformedOnnxError(f"{path} is empty")
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
             return _walk(buf)
+
+
+def misaligned(path: str | Path, alignment: int = EXTERNAL_DATA_ALIGNMENT) -> list[ExternalRef]:
+    """The external tensors of the ONNX file at ``path`` whose data does not start at a multiple of
+    ``alignment`` bytes (empty: every tensor can be memory-mapped; a file without external data has none)."""
+    return [r for r in external_data_refs(path) if (r.offset or 0) % alignment]
 
 
 def _walk(buf: mmap.mmap) -> list[ExternalRef]:
@@ -75,8 +94,9 @@ def _walk(buf: mmap.mmap) -> list[ExternalRef]:
 
 def _tensor(buf: mmap.mmap, start: int, end: int) -> list[ExternalRef]:
     """The external references of one TensorProto: every `location` entry (a hostile file may repeat the key,
-    so all are returned, not the one a particular reader would pick), or one None if it is EXTERNAL without."""
-    name, locations, external = "", [], False
+    so all are returned, not the one a particular reader would pick), or one None if it is EXTERNAL without.
+    A repeated `offset` or `length` counts by its last value, as protobuf readers of maps do."""
+    name, locations, numbers, external = "", [], {}, False
     for number, wire_type, a, b in _fields(buf, start, end):
         if number == _TENSOR_NAME and wire_type == 2:
             name = _text(buf, a, b)
@@ -85,11 +105,20 @@ def _tensor(buf: mmap.mmap, start: int, end: int) -> list[ExternalRef]:
             entry = {n: _text(buf, x, y) for n, w, x, y in _fields(buf, a, b) if w == 2}  # key = 1, value = 2
             if entry.get(1) == "location":
                 locations.append(entry.get(2, ""))
+            elif entry.get(1) in ("offset", "length"):
+                numbers[entry[1]] = _number(entry.get(2, ""), name)
         elif number == _TENSOR_DATA_LOCATION and wire_type == 0 and a == _DATA_LOCATION_EXTERNAL:
             external = True
     if not external:
         return []
-    return [ExternalRef(name, loc) for loc in locations] or [ExternalRef(name, None)]
+    offset, length = numbers.get("offset"), numbers.get("length")
+    return [ExternalRef(name, loc, offset, length) for loc in locations] or [ExternalRef(name, None, offset, length)]
+
+
+def _number(text: str, tensor: str) -> int:
+    if not (text.isascii() and text.isdigit() and len(text) <= 20):  # int() would take signs, spaces, "_"
+        raise MalformedOnnxError(f"tensor {tensor!r}: external-data offset/length {text[:40]!r} is not a number")
+    return int(text)
 
 
 def _text(buf: mmap.mmap, start: int, end: int) -> str:

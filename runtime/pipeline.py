@@ -70,29 +70,38 @@ class Pipeline:
     count (`runtime.engine.OnDemandEngine`): it is freed when the last request using it is done, never under a
     running one, and N requests in flight hold at most N stages. Every reopen re-checks the engine's files
     against the manifest (size, and sha256 unless ``verify_hashes`` is False) and refuses a changed file with a
-    BundleIntegrityError."""
+    BundleIntegrityError.
+
+    ``mapped`` (default: as ``low_memory``): ONNX Runtime sessions that memory-map their external-data weights
+    instead of copying them into private memory (no prepacking, no arena, no load-time optimisation:
+    `runtime.engine`), so a stage larger than the free memory still runs, paging its weights in from the file.
+    Results then differ from the copying sessions' by float32 rounding; mapped sessions agree with each other
+    bit for bit, resident or low-memory."""
 
     def __init__(self, bundle: Bundle, threads: int | None = None, low_memory: bool = False,
-                 verify_hashes: bool = True):
+                 verify_hashes: bool = True, mapped: bool | None = None):
         _check_threads(threads)
         self.bundle = bundle
         m = self.manifest = bundle.manifest
         self.low_memory = low_memory
+        self.mapped = low_memory if mapped is None else bool(mapped)
         self.backbone = backbone_module(m.backbone)
         self.engines = MappingProxyType({
             stage: load_engine(bundle.engine_path(stage), entry, threads, on_demand=low_memory,
-                               expected=_expected_files(bundle, stage), verify_hashes=verify_hashes)
+                               expected=_expected_files(bundle, stage), verify_hashes=verify_hashes,
+                               mapped=self.mapped)
             for stage, entry in m.engines.items()})
         self.planner = Planner(bundle)
         self._observers = Observers()
 
     @classmethod
     def load(cls, bundle_dir: str | Path, threads: int | None = None, verify_hashes: bool = True,
-             low_memory: bool = False) -> Pipeline:
+             low_memory: bool = False, mapped: bool | None = None) -> Pipeline:
         """Verify the bundle (manifest, hashes, backend versions, paths) and open its engines (``low_memory``:
-        open each when its stage runs)."""
+        open each when its stage runs; ``mapped``: map their weights, by default when ``low_memory``)."""
         _check_threads(threads)  # before hashing the bundle
-        return cls(load_bundle(bundle_dir, verify_hashes=verify_hashes), threads, low_memory, verify_hashes)
+        return cls(load_bundle(bundle_dir, verify_hashes=verify_hashes), threads, low_memory, verify_hashes,
+                   mapped)
 
     # hooks for calibration and benchmarks ---------------------------------------------------------------------
     def observe(self, stage: str, callback: Observer) -> AbstractContextManager[None]:

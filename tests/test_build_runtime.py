@@ -214,18 +214,19 @@ def test_a_checkpoint_builds_the_same_bundle_key_as_its_preset(tmp_path, referen
 
 def test_low_memory_mode_holds_one_stage_at_a_time_and_generates_the_same(bundles, monkeypatch):
     """`low_memory=True` opens each engine when its stage runs and frees it after: at every open, no other
-    engine is resident. Same sessions, same inputs: the frames are identical to the ordinary pipeline's."""
+    engine is resident. Same sessions (mapped weights, the low-memory default), same inputs: the frames are
+    identical to the resident pipeline's with mapped weights."""
     import metacanvas_deploy.runtime.engine as engine_mod
 
     image = (np.random.RandomState(5).rand(64, 64, 3) * 255).astype(np.uint8)
-    ref = Pipeline.load(bundles["flux"], threads=1)(prompt="make it red", image=image, seed=3)
+    ref = Pipeline.load(bundles["flux"], threads=1, mapped=True)(prompt="make it red", image=image, seed=3)
     pipe = Pipeline.load(bundles["flux"], threads=1, low_memory=True)
     assert not any(e.loaded for e in pipe.engines.values())
     resident_at_open, real_open = [], engine_mod._open
 
-    def spy(path, entry, threads):
+    def spy(path, entry, *args):
         resident_at_open.append((entry.stage, [s for s, e in pipe.engines.items() if e.loaded]))
-        return real_open(path, entry, threads)
+        return real_open(path, entry, *args)
 
     monkeypatch.setattr(engine_mod, "_open", spy)
     out = pipe(prompt="make it red", image=image, seed=3)

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from metacanvas_deploy.calib.graph import TWO_GB
+from metacanvas_deploy.calib import graph as calib_graph
+from metacanvas_deploy.calib.external_data import IR_SAVE_ALIGNED, check_aligned
 from metacanvas_deploy.mc_export.components.spec import Component, Tolerance
 from metacanvas_deploy.mc_export.errors import ExportError, StageParityError
 from metacanvas_deploy.mc_export.export import attention
@@ -38,7 +39,8 @@ def _quiet():
 def export_component(comp: Component, path: Path, opset: int = OPSET, weights=None,
                      fused_attention: bool = True) -> list[Path]:
     """Export ``comp`` to ``path`` (one graph covering every shape its spec allows). Returns the files written:
-    the .onnx, plus ``<name>.data`` when the weights pass 2 GB (ONNX external data).
+    the .onnx, plus ``<name>.data`` when the weights pass `calib.graph.EXTERNAL_DATA_BYTES` (2 GB: ONNX external
+    data, each tensor aligned for memory mapping, `calib.external_data`).
 
     ``fused_attention``: unmasked attention as ONNX Runtime's fused `MultiHeadAttention` (memory linear in
     tokens; `mc_export.export.attention`); False keeps the decomposed graph TensorRT fuses itself.
@@ -52,7 +54,7 @@ def export_component(comp: Component, path: Path, opset: int = OPSET, weights=No
     spec = comp.spec
     args = comp.torch_inputs(comp.sample_inputs("opt", seed=0))
     module = comp.module().eval()
-    n_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+    external = sum(p.numel() * p.element_size() for p in module.parameters()) > calib_graph.EXTERNAL_DATA_BYTES
     if weights is not None:
         args = tuple(a.to("meta") for a in args)
     path = Path(path)
@@ -71,16 +73,30 @@ def export_component(comp: Component, path: Path, opset: int = OPSET, weights=No
             dynamic_shapes=comp.export_dynamic_shapes(), opset_version=opset,
             custom_translation_table=attention.TRANSLATIONS if fused_attention else None,
             # onnxscript's optimizer folds constants: it would read the (absent) meta weights
-            optimize=spec.optimize and weights is None, external_data=n_bytes > TWO_GB, verbose=False)
+            optimize=spec.optimize and weights is None, external_data=external, verbose=False)
         if weights is not None:
             _stream_weights(program, weights.refs(module), buffers, path)
-        program.save(str(path), external_data=n_bytes > TWO_GB)
+        _save(program, path, external)
     files = [path]
     data = path.with_name(path.name + ".data")
     if data.exists():
         files.append(data)
     check_graph(path)
     return files
+
+
+def _save(program, path: Path, external: bool) -> None:
+    """Write the exported graph; with ``external``, its weights to ``<name>.data``, each at an offset ONNX
+    Runtime can memory-map (torch's own `save` packs them densely). Lazy weights are read one at a time here."""
+    import onnx_ir as ir
+
+    data = path.with_name(path.name + ".data")
+    data.unlink(missing_ok=True)
+    if not external:
+        program.save(str(path))
+        return
+    ir.save(program.model, str(path), external_data=data.name, **IR_SAVE_ALIGNED)
+    check_aligned(path)
 
 
 def _stream_weights(program, refs, buffers: dict[str, torch.Tensor], path: Path) -> None:
