@@ -33,7 +33,7 @@ from metacanvas_deploy.runtime.backbones import backbone_module
 from metacanvas_deploy.runtime.backbones.common import RequestContext, denoise_shape, schedule_plan, token_grid
 from metacanvas_deploy.runtime.bundle import Bundle, load_bundle
 from metacanvas_deploy.runtime.engine import load_engine
-from metacanvas_deploy.runtime.errors import RuntimeInputError
+from metacanvas_deploy.runtime.errors import BundleError, RuntimeInputError
 from metacanvas_deploy.runtime.limits import (
     MAX_FRAMES,
     MAX_GUIDANCE,
@@ -45,6 +45,7 @@ from metacanvas_deploy.runtime.limits import (
     check_real,
     max_threads,
 )
+from metacanvas_deploy.runtime.memory import available_bytes
 from metacanvas_deploy.runtime.planning import Planner
 from metacanvas_deploy.runtime.request import GenerationOutput, PlannerResult, Request
 from metacanvas_deploy.runtime.schedulers import SchedulePlan
@@ -85,6 +86,8 @@ class Pipeline:
         m = self.manifest = bundle.manifest
         self.low_memory = low_memory
         self.mapped = low_memory if mapped is None else bool(mapped)
+        if not self.mapped:
+            _check_memory(bundle, low_memory)
         self.backbone = backbone_module(m.backbone)
         self.engines = MappingProxyType({
             stage: load_engine(bundle.engine_path(stage), entry, threads, on_demand=low_memory,
@@ -270,3 +273,30 @@ def _progress(steps: list, show: bool) -> Iterator:
 def _check_threads(threads) -> None:
     if threads is not None:
         check_int("threads", threads, 1, max_threads(), RuntimeInputError)
+
+
+def _stage_bytes(bundle: Bundle) -> dict[str, int]:
+    """Each stage's weights on disk (engine file plus external data): what a copying session holds."""
+    m = bundle.manifest
+    return {stage: e.size_bytes + sum((bundle.path / rel).stat().st_size for rel in e.external_data)
+            for stage, e in m.engines.items()}
+
+
+def _check_memory(bundle: Bundle, low_memory: bool) -> None:
+    """A copying (unmapped) load that cannot fit is refused before any session opens, with what it needs and the
+    mode that fits: one stage at a time, or weights mapped from disk."""
+    sizes = _stage_bytes(bundle)
+    need = max(sizes.values()) if low_memory else sum(sizes.values())
+    free = available_bytes()
+    if need <= free:
+        return
+    gib = 2**30
+    largest = max(sizes, key=sizes.get)
+    if not low_memory and max(sizes.values()) <= free:
+        fix = (f"load it with low_memory=True (CLI --low-memory): one stage at a time, the largest "
+               f"({largest}) {sizes[largest] / gib:.1f} GiB")
+    else:
+        fix = "load it with mapped=True (implied by low_memory=True): weights paged from disk, never copied"
+    when = "per stage" if low_memory else "at once"
+    raise BundleError(f"this bundle's engines need {need / gib:.1f} GiB in memory {when}; {free / gib:.1f} GiB is "
+                      f"available. {fix[0].upper() + fix[1:]}")

@@ -19,7 +19,7 @@ from test_bundle import edit_manifest, populate_ok
 from metacanvas_deploy.mc_export.build import BuildConfig
 from metacanvas_deploy.mc_export.errors import ConfigError
 from metacanvas_deploy.runtime.bundle import load_bundle, write_bundle
-from metacanvas_deploy.runtime.errors import BundleWriteError, ManifestError, RuntimeInputError
+from metacanvas_deploy.runtime.errors import BundleError, BundleWriteError, ManifestError, RuntimeInputError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -313,3 +313,21 @@ def test_a_disk_that_fills_mid_write_keeps_the_previous_bundle(tmp_path: Path):
         write_bundle(out, fills_up)
     assert snapshot(out) == before
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == ["bundle"]
+
+
+def test_a_bundle_too_big_for_memory_is_refused_naming_the_mode_that_fits(bundles, monkeypatch):
+    """Pretend the machine has less memory than the bundle's weights: a copying load is refused before any
+    session opens, saying how much it needs and which mode fits; the mapped low-memory mode loads."""
+    from metacanvas_deploy.runtime import pipeline as pl
+
+    sizes = pl._stage_bytes(load_bundle(bundles["sana"]))
+    monkeypatch.setattr(pl, "available_bytes", lambda: max(sizes.values()) + 1)  # one stage fits, not all
+    with pytest.raises(BundleError, match=r"need .* GiB in memory at once.*Load it with low_memory=True"):
+        pl.Pipeline.load(bundles["sana"])
+    monkeypatch.setattr(pl, "available_bytes", lambda: 1)
+    with pytest.raises(BundleError, match="Load it with mapped=True"):
+        pl.Pipeline.load(bundles["sana"])
+    with pytest.raises(BundleError, match="per stage"):
+        pl.Pipeline.load(bundles["sana"], low_memory=True, mapped=False)
+    out = pl.Pipeline.load(bundles["sana"], low_memory=True)("a fox", num_inference_steps=2)  # mapped: runs
+    assert out.frames.dtype == np.uint8
