@@ -291,3 +291,19 @@ def test_calib_memory_benchmark_runs_each_case_and_counts_exactly():
     assert result["exposed_bytes"] == 256 * 64 * 4 * 6
     assert (result["unbounded"]["chunk_sessions"], result["budgeted"]["chunk_sessions"]) == (1, 6)
     assert result["unbounded"]["values"] == result["budgeted"]["values"] == 6
+
+
+def test_fullsize_benchmark_records_build_and_request_costs(tmp_path):
+    """The full-size benchmark's machinery on a tiny checkpoint: each stage's build record and gate verdict from
+    the manifest, the build's and the request's wall time and peak memory from fresh processes, the disk."""
+    from benchmarks.fullsize import markdown, run
+    from metacanvas_deploy.mc_export.models.metacanvas import MetaCanvas
+
+    MetaCanvas.from_preset("sana", "tiny", seed=0).save_pretrained(tmp_path / "ckpt")
+    result = run(tmp_path / "ckpt", tmp_path / "bundle", 64, 64, 1, 2, "a fox")
+    assert result["build"]["exit_status"] == 0 and result["generate"]["exit_status"] == 0
+    assert set(result["stages"]) == {"planner", "denoise", "vae_decoder"}
+    assert {r["gate"] for r in result["stages"].values()} == {"passed"}
+    assert result["generate"]["calls"]["denoise"] == 2 and result["generate"]["frames"] == [1, 64, 64, 3]
+    assert result["build"]["peak_rss_mb"] > 0 and result["disk"]["bundle_gb"] >= 0
+    assert "| denoise |" in markdown(result)

@@ -1,0 +1,139 @@
+"""Full size on one small machine: build a checkpoint's bundle at a small request shape, then generate from it,
+recording what each costs.
+
+    python -m benchmarks.fullsize --checkpoint DIR --bundle OUT [--height 256 --width 256 --frames 9 --steps 4]
+                                  [--prompt TEXT] [--skip-build] [--json OUT]
+
+Per stage (from the manifest the build writes, `build.stages` and `build.parity`): export and gate seconds, peak
+resident and private memory, bytes, the gate's verdict. For the whole build and the whole request (each in a fresh
+process): wall time, peak resident memory (the kernel's ru_maxrss) and peak private memory (RssAnon, sampled every
+20 ms: what mapped weights do not count against), plus disk: checkpoint, bundle, and the free space left. The
+request runs in low-memory mode (one stage at a time, weights mapped) and reports each stage's engine time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.env import fingerprint
+
+# Runs in the child: a thread samples private memory while ``body`` runs, then prints one JSON line.
+_CHILD = """
+import json, sys, threading, time
+from metacanvas_deploy.runtime.memory import private_mb
+peak = [0.0]
+stop = threading.Event()
+def sample():
+    while not stop.is_set():
+        peak[0] = max(peak[0], private_mb() or 0.0)
+        time.sleep(0.02)
+threading.Thread(target=sample, daemon=True).start()
+result = {{}}
+{body}
+stop.set()
+print("FULLSIZE " + json.dumps({{**result, "peak_private_mb": round(peak[0], 1)}}))
+"""
+
+_BUILD = """
+from metacanvas_deploy.mc_export.cli import main
+result["exit"] = main({argv!r})
+"""
+
+_GENERATE = """
+from metacanvas_deploy.runtime.pipeline import Pipeline
+pipe = Pipeline.load({bundle!r}, low_memory=True)
+out = pipe({prompt!r}, height={height}, width={width}, num_frames={frames}, num_inference_steps={steps}, seed=0)
+result.update(timings=out.timings, calls=out.calls, frames=list(out.frames.shape))
+"""
+
+
+def _run_child(body: str) -> dict:
+    """``body`` in a fresh process: its JSON result, wall seconds and peak resident MiB (ru_maxrss)."""
+    started = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-c", _CHILD.format(body=body)], stdout=subprocess.PIPE, text=True)
+    out_lines = []
+    for line in proc.stdout:
+        out_lines.append(line)
+        sys.stderr.write(line)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - started
+    result = next((json.loads(ln[len("FULLSIZE "):]) for ln in out_lines if ln.startswith("FULLSIZE ")), {})
+    result.update(wall_s=round(wall, 1), peak_rss_mb=round(usage.ru_maxrss / 1024, 1),
+                  exit_status=os.waitstatus_to_exitcode(status))
+    return result
+
+
+def _du(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) if Path(path).exists() else 0
+
+
+def run(checkpoint: Path, bundle: Path, height: int, width: int, frames: int, steps: int, prompt: str,
+        build: bool = True) -> dict:
+    result = {"checkpoint": str(checkpoint), "bundle": str(bundle), "shape": [height, width, frames],
+              "steps": steps, "environment": fingerprint(threads=os.cpu_count() or 1)}
+    if build:
+        argv = ["build", "--checkpoint", str(checkpoint), "--out", str(bundle), "--height", f"{height}:{height}",
+                "--width", f"{width}:{width}", "--steps", str(steps), "--lazy-weights", "on"]
+        if frames > 1:
+            argv += ["--frames", f"{frames}:{frames}"]
+        result["build"] = _run_child(_BUILD.format(argv=argv))
+        if result["build"]["exit_status"] != 0:
+            return result
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    result["stages"] = {s: {**r, "gate": manifest["build"]["parity"].get(s)}
+                        for s, r in manifest["build"].get("stages", {}).items()}
+    result["disk"] = {"checkpoint_gb": round(_du(checkpoint) / 1e9, 2), "bundle_gb": round(_du(bundle) / 1e9, 2),
+                      "free_gb": round(shutil.disk_usage(bundle).free / 1e9, 1)}
+    result["generate"] = _run_child(_GENERATE.format(bundle=str(bundle), prompt=prompt, height=height, width=width,
+                                                     frames=frames, steps=steps))
+    return result
+
+
+def markdown(result: dict) -> str:
+    rows = ["| stage | export s | gate s | gate | peak RSS GiB | bytes GB | engine s (request) |",
+            "|---|---|---|---|---|---|---|"]
+    timings = result.get("generate", {}).get("timings", {})
+    for stage, r in result.get("stages", {}).items():
+        rows.append(f"| {stage} | {r['export_s']:.0f} | {r['gate_s']:.0f} | {r['gate']} | "
+                    f"{r['peak_rss_mb'] / 1024:.1f} | {r['bytes'] / 1e9:.2f} | {timings.get(stage, 0):.2f} |")
+    lines = [f"{result['checkpoint']}: {result['shape']} x {result['steps']} steps", "", *rows, ""]
+    for phase in ("build", "generate"):
+        if phase in result:
+            r = result[phase]
+            lines.append(f"{phase}: {r['wall_s']:.0f} s, peak RSS {r['peak_rss_mb'] / 1024:.1f} GiB, peak private "
+                         f"{r.get('peak_private_mb', 0) / 1024:.1f} GiB (exit {r['exit_status']})")
+    if "disk" in result:
+        d = result["disk"]
+        lines.append(f"disk: checkpoint {d['checkpoint_gb']} GB, bundle {d['bundle_gb']} GB, {d['free_gb']} GB free")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.fullsize", description=__doc__.splitlines()[0])
+    ap.add_argument("--checkpoint", type=Path, required=True)
+    ap.add_argument("--bundle", type=Path, required=True, help="where the bundle is (or is built)")
+    ap.add_argument("--height", type=int, default=256)
+    ap.add_argument("--width", type=int, default=256)
+    ap.add_argument("--frames", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--prompt", default="a red fox running through snow")
+    ap.add_argument("--skip-build", action="store_true", help="measure an existing bundle's request only")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args(argv)
+    result = run(args.checkpoint, args.bundle, args.height, args.width, args.frames, args.steps, args.prompt,
+                 build=not args.skip_build)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
+    print(markdown(result))
+    return 0 if result.get("build", {}).get("exit_status", 0) == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
