@@ -63,8 +63,8 @@ def gate_stage(comp: Component, engine, weights=None, tolerance=None) -> tuple[l
         return [], (f"even streamed block by block, {(resident + block) / 2**30:.1f} GiB of fp32 weights (resident "
                     f"{resident / 2**30:.1f} GiB + the largest block) > the {budget / 2**30:.1f} GiB budget; run "
                     f"`python -m mc_export verify --bundle DIR` on a machine with ~{3 * need / 2**30:.0f} GiB")
-    with streamed(module, weights):
-        return parity_gate(comp, engine, tolerance=tolerance), ""
+    with streamed(module, weights):  # and the engine's weights mapped, not copied: it does not fit either
+        return parity_gate(comp, engine, tolerance=tolerance, mapped=True), ""
 
 
 def _place(raw: Path, final: Path, weights, comp: Component) -> None:

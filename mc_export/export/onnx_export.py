@@ -175,15 +175,16 @@ def compare(stage: str, case: str, name: str, ours: np.ndarray, ref: np.ndarray)
 
 
 def parity_gate(comp: Component, engine, cases: dict[str, dict] | None = None,
-                tolerance: Tolerance | None = None) -> list[ParityRow]:
+                tolerance: Tolerance | None = None, mapped: bool = False) -> list[ParityRow]:
     """An engine vs the PyTorch module on fresh random inputs at several profile points.
 
+    ``mapped``: the ONNX file's session maps its weights (a stage larger than memory).
     ``engine``: an ONNX file (run with ONNX Runtime) or a callable ``feeds -> {output: array}`` (a TensorRT
     engine). ``cases``: name -> dict(which=..., seed=..., overrides=...) for ``comp.sample_inputs``; default: the
     opt and min points. ``tolerance``: the spec's unless given (reduced-precision engines). Raises
     StageParityError with the whole table if any output misses it.
     """
-    run = engine if callable(engine) else _ort_runner(Path(engine), comp.spec.output_names)
+    run = engine if callable(engine) else _ort_runner(Path(engine), comp.spec.output_names, mapped)
     cases = cases or {"opt": dict(which="opt", seed=101), "min": dict(which="min", seed=102)}
     tol, rows = tolerance or comp.spec.tolerance, []
     for case, kw in cases.items():
@@ -199,8 +200,13 @@ def parity_gate(comp: Component, engine, cases: dict[str, dict] | None = None,
     return rows
 
 
-def _ort_runner(path: Path, output_names: list[str]):
+def _ort_runner(path: Path, output_names: list[str], mapped: bool = False):
+    """An ONNX Runtime session on ``path``; ``mapped``: weights mapped from the file, never copied (a stage
+    larger than memory: `runtime.engine.session_options`)."""
     import onnxruntime as ort
 
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    from metacanvas_deploy.runtime.engine import session_options
+
+    sess = ort.InferenceSession(str(path), session_options(mapped=mapped) if mapped else None,
+                                providers=["CPUExecutionProvider"])
     return lambda feeds: dict(zip(output_names, sess.run(output_names, feeds)))
