@@ -21,21 +21,34 @@ def _add_backbone(p, required: bool = False) -> None:
 def _add_init_checkpoint(sub) -> None:
     p = sub.add_parser("init-checkpoint", help="write a checkpoint folder with seeded random weights")
     _add_backbone(p, required=True)
-    p.add_argument("--preset", default="tiny", choices=["tiny", "small"])
+    p.add_argument("--preset", default="tiny", choices=["tiny", "small", "full"],
+                   help="full: the public models' sizes, streamed to bf16 shards (never built in memory)")
+    p.add_argument("--planner", choices=["7b", "3b"],
+                   help="full only: Qwen2.5-VL-7B-Instruct (default) or Qwen2.5-VL-3B-Instruct")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--random-canvas", action="store_true",
                    help="random (not zero) values in the zero-initialised canvas layers and LoRA, so the canvas "
                         "path is exercised")
-    p.add_argument("--out", required=True)
+    p.add_argument("--writer", choices=["module", "streamed"],
+                   help="module: built in memory by torch's initialisers (tiny/small default, the weights "
+                        "`build --preset` uses); streamed: tensor by tensor from per-name seeded generators into "
+                        "bf16 shards (full's only writer)")
+    p.add_argument("--max-shard-size", default="5GB", help="streamed: largest weight file (default 5GB)")
+    p.add_argument("--out", required=True, help="a new or empty folder (never replaced)")
     p.set_defaults(func=_cmd_init_checkpoint)
 
 
 def _cmd_init_checkpoint(args) -> None:
-    from metacanvas_deploy.mc_export.models.metacanvas import MetaCanvas
+    from pathlib import Path
 
-    model = MetaCanvas.from_preset(args.backbone, args.preset, seed=args.seed, random_canvas=args.random_canvas)
-    model.save_pretrained(args.out)
-    print(f"wrote {args.preset} {args.backbone} checkpoint (seed {args.seed}) to {args.out}")
+    from metacanvas_deploy.mc_export.models.init_checkpoint import InitCheckpointConfig, init_checkpoint, parse_size
+
+    cfg = InitCheckpointConfig(backbone=args.backbone, preset=args.preset, out=Path(args.out), seed=args.seed,
+                               planner=args.planner, random_canvas=args.random_canvas, writer=args.writer,
+                               max_shard_bytes=parse_size(args.max_shard_size))
+    done = init_checkpoint(cfg, log=lambda line: print(line, file=sys.stderr))
+    print(f"wrote {args.preset} {args.backbone} checkpoint (seed {args.seed}, {done.parameters:,} parameters, "
+          f"{done.file_bytes:,} bytes) to {args.out}")
 
 
 def _add_reference(sub) -> None:

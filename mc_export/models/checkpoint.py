@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
+import uuid
 from pathlib import Path
 
 from metacanvas_deploy.mc_export.errors import CheckpointError
@@ -71,7 +71,9 @@ class _AtomicDir:
 
     def __enter__(self) -> Path:
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+        # a fresh name created with the umask's permissions (mkdtemp's 0700 would become the checkpoint's)
+        self.tmp = self.out.parent / f".{self.out.name}.tmp-{uuid.uuid4().hex[:12]}"
+        self.tmp.mkdir()
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> bool:

@@ -85,17 +85,68 @@ def read_header(file: Path) -> dict[str, TensorRef]:
 
 
 def index_part(directory: Path) -> dict[str, TensorRef]:
-    """Every tensor of a checkpoint part (one or many `*.safetensors` shards), by key."""
-    files = sorted(Path(directory).glob("*.safetensors"))
-    if not files:
+    """Every tensor of a checkpoint part (one or many `*.safetensors` shards), by key. A sharded part's
+    ``*.safetensors.index.json`` must agree with its shards (`_check_index`)."""
+    directory = Path(directory)
+    files = sorted(directory.glob("*.safetensors"))
+    indexes = sorted(directory.glob("*.safetensors.index.json"))
+    if len(indexes) > 1:
+        raise CheckpointError(f"{directory} holds {len(indexes)} safetensors indexes "
+                              f"({', '.join(i.name for i in indexes)}); a part has one")
+    if not files and not indexes:
         raise CheckpointError(f"{directory} holds no .safetensors weights")
+    weight_map = _read_index(indexes[0]) if indexes else None
+    if weight_map is not None:
+        stray = sorted({f.name for f in files} - set(weight_map.values()))
+        if stray:  # transformers would load a lone model.safetensors and ignore the index: refuse to guess
+            raise CheckpointError(f"{directory} holds {', '.join(stray)} beside {indexes[0].name}, which does not "
+                                  "name it; keep either the index and its shards or a single file")
+        files = [directory / name for name in sorted(set(weight_map.values()))]
     refs: dict[str, TensorRef] = {}
     for f in files:
+        if not f.is_file():
+            n = sum(1 for v in weight_map.values() if v == f.name)
+            raise CheckpointError(f"{indexes[0]} names the shard {f.name} ({n} tensors) but {directory} has no such "
+                                  "file: the checkpoint is incomplete; copy the missing shard or write it again")
         for key, ref in read_header(f).items():
             if key in refs:
                 raise CheckpointError(f"{directory}: tensor {key} is in both {refs[key].file.name} and {f.name}")
             refs[key] = ref
+    if weight_map is not None:
+        _check_index(indexes[0], weight_map, refs)
     return refs
+
+
+def _read_index(path: Path) -> dict[str, str]:
+    """The ``weight_map`` (tensor -> shard file name) of a Hugging Face safetensors index."""
+    index = ckpt.read_json(path)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{path} has no weight_map of tensor names to shard files")
+    if any(Path(v).name != v for v in weight_map.values()):
+        raise CheckpointError(f"{path} names a shard outside its folder; shards sit beside their index")
+    return weight_map
+
+
+def _check_index(path: Path, weight_map: dict[str, str], refs: dict[str, TensorRef]) -> None:
+    """Every tensor the index names is in the shard it names, and every shard tensor is in the index (the
+    libraries' loaders read only what the index lists: a disagreement is a weight silently lost)."""
+    wrong = [(k, f) for k, f in weight_map.items() if k not in refs or refs[k].file.name != f]
+    if wrong:
+        key, file = wrong[0]
+        where = f"it is in {refs[key].file.name}" if key in refs else "no shard holds it"
+        raise CheckpointError(f"{path} puts {len(wrong)} tensors in shards that do not hold them, e.g. {key} in "
+                              f"{file} ({where}); the index and the shards are from different checkpoints")
+    unlisted = sorted(set(refs) - set(weight_map))
+    if unlisted:
+        raise CheckpointError(f"{path} does not list {len(unlisted)} tensors its shards hold, e.g. {unlisted[0]} "
+                              f"in {refs[unlisted[0]].file.name}; the index and the shards disagree")
+
+
+def check_weight_files(path: Path) -> None:
+    """Each weight part's safetensors files and index agree (headers only, no tensor read)."""
+    for part in ("planner", "transformer", "vae", "metacanvas"):
+        index_part(Path(path) / part)
 
 
 def _qwen_candidates(module_key: str) -> tuple[str, ...]:

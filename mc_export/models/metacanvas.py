@@ -28,7 +28,7 @@ from metacanvas_deploy.mc_export.models.connectors import (
     PooledProjection,
     randomize_zero_layers,
 )
-from metacanvas_deploy.mc_export.models.lazy import LazyWeights
+from metacanvas_deploy.mc_export.models.lazy import LazyWeights, check_weight_files
 from metacanvas_deploy.mc_export.models.presets import Preset, SamplingDefaults
 
 # Distinct seed offsets per component: changing one component's size never reshuffles another's weights.
@@ -54,6 +54,7 @@ def read_checkpoint_configs(path: Path) -> tuple[MetaCanvasConfig, SamplingDefau
     t_cls, v_cls = backbone.diffusers_classes()
     ckpt.check_class(path, "transformer", t_cls.__name__)
     ckpt.check_class(path, "vae", v_cls.__name__)
+    check_weight_files(path)  # shards and indexes agree, from the headers alone, before a library reads them
     return cfg, defaults, (t_cls, v_cls)
 
 
@@ -235,10 +236,12 @@ class MetaCanvas(nn.Module):
             return cls._from_pretrained_lazy(path)
         cfg, defaults, (t_cls, v_cls) = read_checkpoint_configs(path)
         load = dict(local_files_only=True, use_safetensors=True)
+        # The reference runs in float32 whatever the files hold (the public checkpoints are bf16; transformers
+        # would otherwise load in the config's dtype).
         qwen = Qwen2_5_VLForConditionalGeneration.from_pretrained(path / "planner", attn_implementation="sdpa",
-                                                                   **load)
-        transformer = t_cls.from_pretrained(path / "transformer", **load)
-        vae = v_cls.from_pretrained(path / "vae", **load)
+                                                                   dtype=torch.float32, **load)
+        transformer = t_cls.from_pretrained(path / "transformer", torch_dtype=torch.float32, **load)
+        vae = v_cls.from_pretrained(path / "vae", torch_dtype=torch.float32, **load)
         scheduler = _scheduler_from_config(ckpt.read_json(path / "scheduler" / "scheduler_config.json"))
         model = cls(cfg, Planner(qwen, cfg), transformer, vae, scheduler,
                     load_tokenizer(path / "planner", cfg.max_prompt_tokens), defaults)
