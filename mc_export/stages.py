@@ -55,15 +55,15 @@ def gate_stage(comp: Component, engine, weights=None, tolerance=None) -> tuple[l
         return parity_gate(comp, engine, tolerance=tolerance), ""
     module = comp.module()
     need, budget = fp32_bytes(module), memory_budget()
-    if need <= budget:
+    if need <= budget:  # a lazy model is large: its engine's weights are mapped for the gate, not copied
         with materialized(module, weights):
-            return parity_gate(comp, engine, tolerance=tolerance), ""
+            return parity_gate(comp, engine, tolerance=tolerance, mapped=True), ""
     resident, block = resident_bytes(module)
     if resident + block > budget:
         return [], (f"even streamed block by block, {(resident + block) / 2**30:.1f} GiB of fp32 weights (resident "
                     f"{resident / 2**30:.1f} GiB + the largest block) > the {budget / 2**30:.1f} GiB budget; run "
                     f"`python -m mc_export verify --bundle DIR` on a machine with ~{3 * need / 2**30:.0f} GiB")
-    with streamed(module, weights):  # and the engine's weights mapped, not copied: it does not fit either
+    with streamed(module, weights):
         return parity_gate(comp, engine, tolerance=tolerance, mapped=True), ""
 
 
