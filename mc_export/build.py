@@ -47,6 +47,9 @@ class BuildConfig:
     lazy_weights: str = "auto"
     recipe: object = None  # calib.recipes.Recipe for int8/fp8; None: the backbone's default recipe
     float_bundle: Path | None = None  # int8/fp8: where the fp32 reference bundle lives (default <out>-fp32)
+    # TensorRT without a GPU: write a TensorRT export (graphs, profiles, references) that the GPU machine turns
+    # into a bundle with `python -m mc_export engines` (mc_export.tensorrt.export_only / target_build)
+    export_only: bool = False
 
     def validate(self, gpu_available: bool | None = None) -> BuildConfig:
         """Resolve `auto` and check the combination; returns the resolved config."""
@@ -75,11 +78,13 @@ class BuildConfig:
                               "float bundle it is calibrated against; give them different folders")
         if self.checkpoint is not None and self.preset is not None:
             raise ConfigError("--preset and --checkpoint are exclusive: a checkpoint brings its own weights")
+        if self.export_only:
+            self._check_export_only()
         gpu = _tensorrt_usable() if gpu_available is None else gpu_available
         target = self.target
         if target == "auto":
             target = "tensorrt" if gpu else "onnxruntime"
-        if target == "tensorrt" and not gpu:
+        if target == "tensorrt" and not gpu and not self.export_only:
             raise BuildError("--target tensorrt needs an NVIDIA GPU with TensorRT installed; none is usable here. "
                              "Build for this machine with --target onnxruntime (or auto)")
         if self.precision not in SUPPORTED[target]:
@@ -88,6 +93,20 @@ class BuildConfig:
         preset = self.preset if self.preset is not None or self.checkpoint is not None else "tiny"
         return dataclasses.replace(self, target=target, preset=preset)
 
+
+    def _check_export_only(self) -> None:
+        """--export-only: a TensorRT export (no GPU needed here) of a precision an export can carry."""
+        from metacanvas_deploy.mc_export.tensorrt.export_folder import WEIGHTS_DTYPE
+
+        if self.target != "tensorrt":
+            what = "builds for this machine" if self.target == "onnxruntime" else "picks the target by this machine"
+            raise ConfigError(f"--export-only writes a TensorRT export for a GPU machine to build; --target "
+                              f"{self.target} {what}: give --target tensorrt (or drop --export-only)")
+        if self.precision not in WEIGHTS_DTYPE:
+            raise BuildError(f"--export-only writes {', '.join(WEIGHTS_DTYPE)} exports; --precision {self.precision} "
+                             "needs calibration against a float bundle and a quantized-engine gate on the GPU "
+                             "machine, which exports do not carry yet: build it on the GPU machine with `python -m "
+                             f"mc_export build --target tensorrt --precision {self.precision}`")
 
     def _check_numbers(self) -> None:
         """Steps, seed and range overrides: integers inside the global bounds (`runtime.limits`); zero is never
@@ -159,12 +178,20 @@ def build(cfg: BuildConfig, log=print) -> Path:
     StageParityError when a stage misses its tolerance (nothing is written then). The model is loaded and its
     weights hashed once, also for a quantized build (which builds its float bundle in the same pass)."""
     cfg = cfg.validate()
-    gpu_identity(cfg)  # a precision this GPU cannot take fails here, before any export
+    if not cfg.export_only:
+        gpu_identity(cfg)  # a precision this GPU cannot take fails here, before any export
     started = time.perf_counter()
     model = load_model(cfg)
     ranges = resolve_ranges(model, cfg.range_overrides)
     steps = cfg.steps or model.defaults.num_inference_steps
     digest = weights_hash(model)
+    if cfg.export_only:
+        from metacanvas_deploy.mc_export.tensorrt.export_only import export_for_tensorrt
+
+        out = export_for_tensorrt(cfg, model, ranges, steps, digest, log)
+        log(f"wrote {out} in {time.perf_counter() - started:.0f} s; on the GPU machine: python -m mc_export "
+            f"engines --export {out} --out BUNDLE")
+        return out
     recipe = recipe_for(cfg, model) if cfg.precision in QUANTIZED else None
     key = cache_key(cfg, model, ranges, steps, digest, recipe)
     out = Path(cfg.out)

@@ -129,6 +129,9 @@ def _add_build(sub) -> None:
     p.add_argument("--recipe", help="int8/fp8: a recipe JSON file (`python -m mc_export recipe` prints the default)")
     p.add_argument("--float-bundle", help="int8/fp8: the fp32 reference bundle to calibrate against, built there "
                                            "if missing or stale (default: <out>-fp32)")
+    p.add_argument("--export-only", action="store_true",
+                   help="with --target tensorrt: no GPU needed here; write a TensorRT export (graphs, profiles, "
+                        "references) that `engines` turns into a bundle on the GPU machine")
     p.add_argument("--out", required=True)
     p.set_defaults(func=_cmd_build)
 
@@ -160,11 +163,31 @@ def _cmd_build(args) -> None:
                       checkpoint=Path(args.checkpoint) if args.checkpoint else None, precision=args.precision,
                       target=args.target, range_overrides=overrides, steps=args.steps, seed=args.seed,
                       verify=not args.no_verify, lazy_weights=args.lazy_weights,
-                      recipe=recipe, float_bundle=Path(args.float_bundle) if args.float_bundle else None)
+                      recipe=recipe, float_bundle=Path(args.float_bundle) if args.float_bundle else None,
+                      export_only=args.export_only)
     resolved = cfg.validate()
     if resolved.target != args.target:
         print(f"--target auto: no usable GPU/TensorRT here, building for {resolved.target}", file=sys.stderr)
     build(cfg)
+
+
+def _add_engines(sub) -> None:
+    p = sub.add_parser("engines", help="on the GPU machine: a TensorRT export (`build --export-only`) -> a bundle "
+                                       "for this GPU (no torch or checkpoint needed)")
+    p.add_argument("--export", required=True, help="the folder `build --target tensorrt --export-only` wrote")
+    p.add_argument("--out", required=True, help="the bundle to write")
+    p.add_argument("--timing-cache-dir", help="where TensorRT's per-GPU timing caches live (default "
+                                              "~/.cache/metacanvas/tensorrt)")
+    p.set_defaults(func=_cmd_engines)
+
+
+def _cmd_engines(args) -> None:
+    from pathlib import Path
+
+    from metacanvas_deploy.mc_export.tensorrt.target_build import build_engines
+
+    build_engines(Path(args.export), Path(args.out),
+                  timing_cache_dir=Path(args.timing_cache_dir) if args.timing_cache_dir else None)
 
 
 def _add_verify(sub) -> None:
@@ -203,11 +226,16 @@ def _cmd_recipe(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mc_export", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_build(sub)
-    _add_verify(sub)
-    _add_init_checkpoint(sub)
-    _add_reference(sub)
-    _add_recipe(sub)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    _add_engines(sub)
+    # `engines` runs on GPU machines without torch; the other commands' options come from the compiler's backbone
+    # registry, which imports it, so they are only added when another command (or --help) is asked for
+    if argv[:1] != ["engines"]:
+        _add_build(sub)
+        _add_verify(sub)
+        _add_init_checkpoint(sub)
+        _add_reference(sub)
+        _add_recipe(sub)
     args = parser.parse_args(argv)
     return run_cli(lambda: args.func(args))
 

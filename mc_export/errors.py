@@ -39,6 +39,11 @@ class BuildError(MetaCanvasError):
     """A build that cannot be done as asked (a precision or target this machine cannot serve...)."""
 
 
+class ExportFolderError(MetaCanvasError):
+    """A TensorRT export folder (`build --export-only`) that cannot be used: not an export, another version, or a
+    file changed, missing or added since it was written."""
+
+
 def run_cli(call) -> int:
     """Run a compiler CLI command: our errors (compiler's, calibration's and runtime's) become one line on stderr
     and exit code 2; anything else is a bug and keeps its traceback. Returns the exit code."""

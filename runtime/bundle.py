@@ -31,7 +31,7 @@ import shutil
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Iterator, Mapping, TypeVar
 
 from metacanvas_deploy.runtime.bundle_verify import (
     backend_compatible,
@@ -46,8 +46,10 @@ from metacanvas_deploy.runtime.bundle_verify import (
 from metacanvas_deploy.runtime.errors import BundleError, BundleFileError, BundleWriteError
 from metacanvas_deploy.runtime.manifest import MANIFEST_NAME, Manifest
 
-__all__ = ["Bundle", "load_bundle", "load_manifest", "write_bundle", "sha256_file", "backend_compatible",
-           "installed_backend_version"]
+__all__ = ["Bundle", "load_bundle", "load_manifest", "write_bundle", "write_atomically", "sha256_file",
+           "backend_compatible", "installed_backend_version"]
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -113,42 +115,55 @@ def write_bundle(out_dir: str | Path, populate: Callable[[Path], Manifest]) -> M
     """Write a bundle atomically: `populate(tmp)` writes the files into `tmp` and returns the manifest (hashes
     may be left empty); this seals it, writes `manifest.json` last, and swaps `tmp` into `out_dir`. Returns the
     sealed manifest. See the module docstring for the guarantee."""
+    def fill(tmp: Path) -> Manifest:
+        manifest = populate(tmp)
+        if not isinstance(manifest, Manifest):
+            raise BundleWriteError(f"populate() must return a Manifest, got {type(manifest).__name__}")
+        sealed = _seal(tmp, manifest)
+        with open(tmp / MANIFEST_NAME, "x", encoding="utf-8") as f:
+            f.write(sealed.to_json())
+        return sealed
+
+    return write_atomically(out_dir, fill, _refuse_non_bundle)
+
+
+def write_atomically(out_dir: str | Path, fill: Callable[[Path], T], refuse: Callable[[Path], None],
+                     what: str = "bundle") -> T:
+    """The write every folder the compiler publishes goes through (a bundle; a TensorRT export,
+    `mc_export.tensorrt.export_folder`), with the guarantee of the module docstring: under the lock, `refuse(out)`
+    raises unless an existing `out_dir` may be replaced; `fill(tmp)` writes every file into a fresh temp dir (its
+    index last) and returns a value, which this returns after the swap."""
     out = Path(out_dir).resolve()
     if not out.name:
-        raise BundleWriteError(f"cannot write a bundle at {out}: give a directory name")
+        raise BundleWriteError(f"cannot write a {what} at {out}: give a directory name")
     out.parent.mkdir(parents=True, exist_ok=True)
     with _write_lock(out):
         _recover(out)
-        _refuse_non_bundle(out)
+        refuse(out)
         tmp = _fresh_dir(out, "tmp")
         try:
-            manifest = _populate(populate, tmp, out)
-            if not isinstance(manifest, Manifest):
-                raise BundleWriteError(f"populate() must return a Manifest, got {type(manifest).__name__}")
-            sealed = _seal(tmp, manifest)
-            with open(tmp / MANIFEST_NAME, "x", encoding="utf-8") as f:
-                f.write(sealed.to_json())
+            result = _populate(fill, tmp, out, what)
             _fsync_tree(tmp)
             _swap(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-    return sealed
+    return result
 
 
-def _populate(populate: Callable[[Path], Manifest], tmp: Path, out: Path) -> Manifest:
-    """`populate(tmp)`, with a full disk turned into one clear error (the caller removes `tmp`)."""
+def _populate(fill: Callable[[Path], T], tmp: Path, out: Path, what: str) -> T:
+    """`fill(tmp)`, with a full disk turned into one clear error (the caller removes `tmp`)."""
     try:
-        return populate(tmp)
+        return fill(tmp)
     except OSError as e:
         if e.errno != errno.ENOSPC:
             raise
         written = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
         free = shutil.disk_usage(out.parent).free
+        kept = f"the previous {what} is untouched" if out.exists() else "nothing else changed"
         raise BundleWriteError(f"the disk under {out.parent} filled up after {written / 2**30:.2f} GiB of the new "
-                               f"bundle ({free / 2**30:.2f} GiB free now); the partial bundle is removed and "
-                               f"{'the previous bundle is untouched' if out.exists() else 'nothing else changed'}. "
-                               "Free space or choose another --out") from None
+                               f"{what} ({free / 2**30:.2f} GiB free now); the partial {what} is removed and "
+                               f"{kept}. Free space or choose another --out") from None
 
 
 def _seal(tmp: Path, manifest: Manifest) -> Manifest:

@@ -3,8 +3,10 @@
 #   scripts/gpu_check.sh [OUT_DIR]          (default: out/gpu_check, ignored by git)
 # 1. bootstrap .venv (scripts/bootstrap.sh); 2. install TensorRT 10 + cuda-python (+ polygraphy for the lint
 # test); 3. print the device identity engines will record; 4. pytest -m gpu (fp32 engine from the raw SANA step,
-# parity against ONNX Runtime, CUDA-graph replay bit-identical to plain execution); 5. build a tiny SANA bundle
-# for TensorRT and for ONNX Runtime; 6. the latency benchmark on both, and their ratio. Logs go to OUT_DIR.
+# parity against ONNX Runtime, CUDA-graph replay bit-identical to plain execution; engines from an fp16 TensorRT
+# export gated against its references); 5. build a tiny SANA bundle for TensorRT and for ONNX Runtime, and one in
+# two steps (`build --export-only`, then `engines`, as a GPU machine without torch would); 6. the latency
+# benchmark on both, and their ratio. Logs go to OUT_DIR.
 # tensorrt-cu12 installs its libraries from NVIDIA's package index; on a machine without network, put every
 # wheel in a folder and run with WHEELHOUSE=/that/folder (pip then installs from it alone).
 set -euo pipefail
@@ -24,9 +26,14 @@ nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total --format=csv
 # Fails (BundleError) when TensorRT cannot see a GPU: then the gpu tests below would only skip.
 "$PY" -c "from runtime.trt_engine import device_identity; print(device_identity())" | tee "$OUT/device.txt"
 
-"$PY" -m pytest -p no:logging -m gpu -rs tests/test_tensorrt.py 2>&1 | tee "$OUT/pytest_gpu.log"
+"$PY" -m pytest -p no:logging -m gpu -rs tests/test_tensorrt.py tests/test_tensorrt_export.py 2>&1 \
+  | tee "$OUT/pytest_gpu.log"
 "$PY" -m mc_export build --backbone sana --target tensorrt --steps 3 --out "$OUT/sana-trt" 2>&1 | tee "$OUT/build.log"
 "$PY" -m mc_export build --backbone sana --target onnxruntime --steps 3 --out "$OUT/sana-ort" 2>&1 | tee -a "$OUT/build.log"
+# export here, build there (both on this machine): the export needs no GPU, `engines` neither torch nor onnx
+"$PY" -m mc_export build --backbone sana --target tensorrt --export-only --precision fp16 --steps 3 \
+  --out "$OUT/sana-export-fp16" 2>&1 | tee -a "$OUT/build.log"
+"$PY" -m mc_export engines --export "$OUT/sana-export-fp16" --out "$OUT/sana-trt-fp16" 2>&1 | tee -a "$OUT/build.log"
 # the same model, weights and request on both backends; `report A B` prints B/A per stage
 "$PY" -m benchmarks latency --bundle "$OUT/sana-ort" --out "$OUT/latency_ort.json" 2>&1 | tee "$OUT/latency.log"
 "$PY" -m benchmarks latency --bundle "$OUT/sana-trt" --out "$OUT/latency_trt.json" 2>&1 | tee -a "$OUT/latency.log"

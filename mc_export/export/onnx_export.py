@@ -7,17 +7,16 @@ import contextlib
 import io
 import logging
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from metacanvas_deploy.calib import graph as calib_graph
 from metacanvas_deploy.calib.external_data import IR_SAVE_ALIGNED, check_aligned
 from metacanvas_deploy.mc_export.components.spec import Component, Tolerance
-from metacanvas_deploy.mc_export.errors import ExportError, StageParityError
+from metacanvas_deploy.mc_export.errors import ExportError
 from metacanvas_deploy.mc_export.export import attention
+from metacanvas_deploy.mc_export.export.parity import TABLE_HEADER, ParityRow, check_rows, compare  # noqa: F401 (moved)
 from metacanvas_deploy.mc_export.models.lazy import buffers_on_meta
 
 OPSET = 20
@@ -144,36 +143,6 @@ def check_graph(path: Path) -> None:
                           f"{scatters[:5]}; keep float64 math on the host and rewrite scatters")
 
 
-@dataclass(frozen=True)
-class ParityRow:
-    stage: str
-    case: str
-    output: str
-    max_abs: float
-    max_rel: float
-    cosine: float
-
-    def fmt(self) -> str:
-        return (f"{self.stage:<14} {self.case:<10} {self.output:<22} {self.max_abs:>10.3e} {self.max_rel:>10.3e} "
-                f"{self.cosine:>10.7f}")
-
-
-TABLE_HEADER = f"{'stage':<14} {'case':<10} {'output':<22} {'max_abs':>10} {'max_rel':>10} {'cosine':>10}"
-
-
-def compare(stage: str, case: str, name: str, ours: np.ndarray, ref: np.ndarray) -> ParityRow:
-    """Max-abs, max-abs relative to max(1, max|ref|), and cosine of two outputs."""
-    a, b = np.asarray(ours, np.float64).ravel(), np.asarray(ref, np.float64).ravel()
-    if a.shape != b.shape:
-        raise StageParityError(stage, f"{name}: shape {np.shape(ours)} != reference {np.shape(ref)}")
-    diff = float(np.max(np.abs(a - b))) if a.size else 0.0
-    finite = bool(np.isfinite(a).all())
-    denom = np.linalg.norm(a) * np.linalg.norm(b)
-    cos = float(a @ b / denom) if denom > 0 else float(np.array_equal(a, b))
-    rel = diff / max(1.0, float(np.max(np.abs(b))) if b.size else 1.0)
-    return ParityRow(stage, case, name, diff if finite else float("inf"), rel if finite else float("inf"), cos)
-
-
 def parity_gate(comp: Component, engine, cases: dict[str, dict] | None = None,
                 tolerance: Tolerance | None = None, mapped: bool = False) -> list[ParityRow]:
     """An engine vs the PyTorch module on fresh random inputs at several profile points.
@@ -192,12 +161,7 @@ def parity_gate(comp: Component, engine, cases: dict[str, dict] | None = None,
         ref = comp.reference(feeds)
         outs = run(feeds)
         rows += [compare(comp.spec.stage, case, n, outs[n], ref[n]) for n in comp.spec.output_names]
-    bad = [r for r in rows if not (r.max_rel <= tol.max_rel and r.cosine >= tol.min_cosine)]
-    if bad:
-        table = "\n".join([TABLE_HEADER] + [r.fmt() for r in rows])
-        raise StageParityError(comp.spec.stage, f"the engine misses the tolerance (max_rel <= {tol.max_rel}, "
-                                                f"cosine >= {tol.min_cosine}):\n{table}")
-    return rows
+    return check_rows(comp.spec.stage, rows, tol)
 
 
 def _ort_runner(path: Path, output_names: list[str], mapped: bool = False):

@@ -23,9 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from metacanvas_deploy.mc_export.components.spec import ComponentSpec
+from metacanvas_deploy.mc_export.components.spec_data import ComponentSpec
 from metacanvas_deploy.mc_export.errors import BuildError, ConfigError
-from metacanvas_deploy.mc_export.export.onnx_export import check_graph
 from metacanvas_deploy.mc_export.tensorrt.precision import PrecisionRule, check_precision, rule
 from metacanvas_deploy.mc_export.tensorrt.profiles import profile_shapes
 from metacanvas_deploy.runtime.trt_engine import device_identity
@@ -79,6 +78,7 @@ def check_onnx(onnx_path: Path, precision_rule: PrecisionRule) -> None:
     ExportError from `check_graph`) naming the problem."""
     import onnx
 
+    from metacanvas_deploy.mc_export.export.onnx_export import check_graph
     from metacanvas_deploy.runtime.onnx_external_data import external_data_refs
 
     onnx_path = Path(onnx_path)
@@ -108,14 +108,19 @@ def _beside(onnx_path: Path, location: str | None) -> bool:
     return (onnx_path.parent / location).is_file()
 
 
-def build_engine(onnx_path: Path, spec: ComponentSpec, options: BuildOptions, out_path: Path, log=print) -> dict:
+def build_engine(onnx_path: Path, spec: ComponentSpec, options: BuildOptions, out_path: Path, log=print,
+                 prepared: bool = False) -> dict:
     """Build ``spec``'s engine from ``onnx_path`` into ``out_path`` (written atomically) on this machine's GPU.
     Returns the device identity to record in the engine's manifest entry. Raises BuildError when the GPU cannot
-    take the precision, the parser rejects the graph, or TensorRT cannot build it (with TensorRT's errors)."""
+    take the precision, the parser rejects the graph, or TensorRT cannot build it (with TensorRT's errors).
+
+    ``prepared``: the file was checked (`check_onnx`) and its sequences lowered when a TensorRT export wrote it
+    (`tensorrt.export_only`), and is parsed as it is: the build then needs neither onnx nor torch."""
     precision_rule = options.validate()
     identity = device_identity()
     check_precision(options.precision, identity)
-    check_onnx(onnx_path, precision_rule)
+    if not prepared:
+        check_onnx(onnx_path, precision_rule)
     import tensorrt as trt
 
     logger = _logger(trt, log)
@@ -123,7 +128,8 @@ def build_engine(onnx_path: Path, spec: ComponentSpec, options: BuildOptions, ou
     strongly_typed = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if precision_rule.strongly_typed else 0
     network = builder.create_network(strongly_typed)
     parser = trt.OnnxParser(network, logger)
-    with _parseable(Path(onnx_path)) as path:  # kept until the build ends, as the parser that read it is
+    parseable = contextlib.nullcontext(Path(onnx_path)) if prepared else _parseable(Path(onnx_path))
+    with parseable as path:  # kept until the build ends, as the parser that read it is
         if not parser.parse_from_file(str(path)) or parser.num_errors:
             errors = [str(parser.get_error(i)) for i in range(parser.num_errors)] or logger.errors
             raise BuildError(f"TensorRT's ONNX parser rejected {Path(onnx_path).name}: {'; '.join(errors)}")

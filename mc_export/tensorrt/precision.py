@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from metacanvas_deploy.mc_export.components.spec import Tolerance
+from metacanvas_deploy.mc_export.components.spec_data import Tolerance
 from metacanvas_deploy.mc_export.errors import BuildError
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")

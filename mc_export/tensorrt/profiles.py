@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 
-from metacanvas_deploy.mc_export.components.spec import ComponentSpec
+from metacanvas_deploy.mc_export.components.spec_data import ComponentSpec
 from metacanvas_deploy.mc_export.errors import ConfigError
 from metacanvas_deploy.runtime.tensor_spec import DimRange
 
