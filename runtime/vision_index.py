@@ -3,7 +3,7 @@
 Qwen2.5-VL's vision tower derives rotary tables, a window permutation and two packed-attention layouts from
 `grid_thw` with Python loops and `.tolist()`, which no ONNX/TensorRT graph can hold for a dynamic image size.
 This module computes all of them from `grid_thw` and a few config numbers, so the exported graph
-(`mc_export.export.qwen_vision`) only sees tensors whose *length* depends on the image, never their recipe.
+(`mc_export.export.qwen_vision`) only sees tensors whose *shape* depends on the image, never their recipe.
 The compiler (to trace and check the export) and the runtime (to run it) both call `vision_inputs`.
 
 numpy + stdlib only: the torch-free runtime imports this file.
@@ -13,12 +13,21 @@ Notation (one call may hold several images and videos, packed along one axis):
     N           = sum(t * h * w)      patches
     M           = N / merge**2        merged tokens (what the planner sees); merge = spatial_merge_size
     d           = head_dim = hidden_size / num_heads
+    F, W, T     frames (sum of t), windows per frame, merged tokens per window: M = F * W * T
 
 Order of the tokens inside the encoder: the patch embedding comes out in the processor's order (per
 image, per frame, per merge block row-major, the merge**2 patches of a block contiguous).
 The encoder then permutes the *merge blocks* into window order (`window_index`) and runs every
-block in that order; the merger output is permuted back with `reverse_index`. Rotary tables and
-segment ids below are therefore given in window order, ready to use.
+block in that order; the merger output is permuted back with `reverse_index`. Rotary tables below are
+therefore given in window order, ready to use.
+
+Attention segments: upstream attends within each frame ("full" blocks) and within each window (the others).
+In window order both are contiguous, and when every frame has the same size and its windows tile it exactly
+they are all equal, so the graph runs attention as a batch of segments (F of W*T*merge**2 patches, or F*W of
+T*merge**2) with no mask: memory linear in N. `vision_inputs` hands that structure over as the *shape* of
+`window_index` (F, W, T) and of the rotary tables (F, W, T*merge**2, d), and refuses grids with unequal
+segments (`segment_layout`). The runtime never makes one: it resizes every image and video frame to one square
+of a whole number of windows (`runtime.vision`; the build checks the square, `mc_export.components.vision`).
 """
 
 from __future__ import annotations
@@ -31,8 +40,7 @@ import numpy as np
 from metacanvas_deploy.runtime.errors import ShapeError
 
 # Input names of the exported vision graph, in order; `pixel_values` comes from runtime.vision.
-VISION_INPUT_NAMES = ("pixel_values", "rotary_cos", "rotary_sin", "window_index", "reverse_index",
-                      "full_segment_ids", "window_segment_ids")
+VISION_INPUT_NAMES = ("pixel_values", "rotary_cos", "rotary_sin", "window_index", "reverse_index")
 VISION_OUTPUT_NAMES = ("image_features",)
 
 
@@ -162,17 +170,28 @@ def cu_seqlens(grid_thw: np.ndarray) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
 
 
-def segment_ids(cu: np.ndarray) -> np.ndarray:
-    """(N,) int64 segment number of every position for cumulative boundaries (S + 1,): two positions may
-    attend to each other iff their segment ids are equal."""
-    return np.repeat(np.arange(len(cu) - 1, dtype=np.int64), np.diff(cu))
+def segment_layout(grid_thw: np.ndarray, geometry: VisionGeometry) -> tuple[int, int, int]:
+    """(F frames, W windows per frame, T merged tokens per window) of a checked grid whose attention segments
+    are all equal (see the module docstring), or ShapeError naming what to change.
 
-
-def block_diagonal_mask(cu: np.ndarray) -> np.ndarray:
-    """(N, N) bool, True where attention is allowed. For inspection and tests only: the graph builds this
-    from `segment_ids` itself, so the host never ships N*N values (1 GiB per mask at 16k patches)."""
-    seg = segment_ids(cu)
-    return seg[:, None] == seg[None, :]
+    Equal segments need one (h, w) for every grid row (frames all the same size) and each merged side h/merge,
+    w/merge a multiple of the window side or at most one window (else the last row/column of windows is smaller).
+    """
+    m, ws = geometry.spatial_merge_size, geometry.window_tokens
+    sizes = sorted({(int(h), int(w)) for h, w in grid_thw[:, 1:]})
+    if len(sizes) != 1:
+        raise ShapeError(f"grid_thw rows have different frame sizes {sizes} (h, w in patches): the vision encoder "
+                         f"attends over a batch of equal frames; resize every image and video frame to one size "
+                         f"(runtime.vision does) or call it once per size")
+    sides = (sizes[0][0] // m, sizes[0][1] // m)  # merged tokens per side
+    if any(side > ws and side % ws for side in sides):
+        px = ws * m * geometry.patch_size
+        raise ShapeError(f"grid_thw frames of {sides[0]}x{sides[1]} merged tokens are not tiled by windows of "
+                         f"{ws}x{ws}: the vision encoder attends over a batch of equal windows; use frame sides "
+                         f"that are multiples of {px} px or at most {px} px")
+    windows = [-(-side // ws) for side in sides]  # per axis
+    tokens = [min(side, ws) for side in sides]
+    return int(grid_thw[:, 0].sum()), windows[0] * windows[1], tokens[0] * tokens[1]
 
 
 def vision_inputs(grid_thw: Any, vision_config: Any) -> dict[str, np.ndarray]:
@@ -181,30 +200,28 @@ def vision_inputs(grid_thw: Any, vision_config: Any) -> dict[str, np.ndarray]:
     Args:
         grid_thw: (n, 3) ints, one row per image (t = 1) or video (t = frames / temporal_patch_size).
         vision_config: a `Qwen2_5_VLVisionConfig`, or a dict / object with the same fields.
-    Returns (window order where it matters, see the module docstring):
-        rotary_cos, rotary_sin   (N, d) float32   rotary tables of each patch, permuted to window order
-        window_index             (M,) int64       window position -> merged token (processor order)
-        reverse_index            (M,) int64       merged token -> window position (argsort of window_index)
-        full_segment_ids         (N,) int64       frame number of each patch (window order)
-        window_segment_ids       (N,) int64       window number of each patch (window order)
+    Returns (window order, the segment structure in the shapes; F, W, T: `segment_layout`):
+        rotary_cos, rotary_sin   (F, W, T*merge**2, d) float32   rotary tables of each patch
+        window_index             (F, W, T) int64      window position -> merged token (processor order)
+        reverse_index            (M,) int64           merged token -> window position (argsort of window_index)
     `pixel_values` (N, C*T*P*P) float32, the remaining input, comes from the image processor.
+    Raises ShapeError for a grid the encoder cannot take, unequal attention segments included.
     """
     geo = vision_config if isinstance(vision_config, VisionGeometry) else VisionGeometry.from_config(vision_config)
     grid = check_grid(grid_thw, geo)
+    frames, windows, tokens = segment_layout(grid, geo)
     unit = geo.merge_unit
-    win_index, cu_window = window_layout(grid, geo)
+    win_index, _ = window_layout(grid, geo)
     # Patch p of window position i is patch unit*window_index[i] + p in processor order.
     patch_order = (win_index[:, None] * unit + np.arange(unit)).reshape(-1)  # (N,)
     pos = position_ids(grid, geo.spatial_merge_size)[patch_order]  # (N, 2) window order
     cos, sin = rotary_cos_sin(pos, geo.head_dim, geo.rope_theta)  # (N, d) each, window order
-    # Frames stay contiguous under the window permutation, so frame segments need no permuting.
+    segments = (frames, windows, tokens * unit, geo.head_dim)
     return {
-        "rotary_cos": cos,
-        "rotary_sin": sin,
-        "window_index": win_index,
+        "rotary_cos": cos.reshape(segments),
+        "rotary_sin": sin.reshape(segments),
+        "window_index": win_index.reshape(frames, windows, tokens),
         "reverse_index": np.argsort(win_index, kind="stable").astype(np.int64),
-        "full_segment_ids": segment_ids(cu_seqlens(grid)),
-        "window_segment_ids": segment_ids(cu_window),
     }
 
 

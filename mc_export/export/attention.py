@@ -10,8 +10,9 @@ pattern itself, so TensorRT exports keep it (`export_component(..., fused_attent
 How: while `fused_attention()` is active, `torch.nn.functional.scaled_dot_product_attention` routes the calls the
 fused kernel serves exactly (4-D fp32, no mask, no dropout, not causal, no GQA) to the custom op
 `mc_export::attention`, which runs SDPA in PyTorch and exports through `TRANSLATIONS` as
-Transpose/Reshape -> MultiHeadAttention -> Reshape/Transpose. Every other call (the planner's causal attention,
-the vision encoder's block-diagonal mask) goes to the original function. The eager reference never sees the op.
+Transpose/Reshape -> MultiHeadAttention -> Reshape/Transpose. Every other call (the planner's causal attention)
+goes to the original function. The eager reference never sees the op. The Qwen vision encoder's attention within
+windows and frames qualifies as a batch of equal segments (`mc_export/export/qwen_vision.py`).
 """
 
 from __future__ import annotations
