@@ -215,3 +215,21 @@ def test_a_corrupt_safetensors_header_is_a_clear_error(tmp_path):
     f.write_bytes((5).to_bytes(8, "little") + b"{nope")
     with pytest.raises(CheckpointError, match="cannot read the safetensors header"):
         lazy.read_header(f)
+
+
+def test_a_lazy_export_folds_weight_transposes_into_the_file(checkpoint, tmp_path):
+    """No session transposes (copies) a weight at run time: each Transpose of a checkpoint weight is written
+    pre-transposed as `W.T`, exactly (the stage's gate against the eager reference passes on the raw file)."""
+    import onnx
+
+    from metacanvas_deploy.mc_export.export.onnx_export import export_component
+
+    model = MetaCanvas.from_pretrained(checkpoint, lazy=True)
+    comp = plan_stages(model, resolve_ranges(model, ()))["planner"]
+    export_component(comp, tmp_path / "planner.onnx", weights=model.lazy_weights)
+    graph = onnx.load(str(tmp_path / "planner.onnx")).graph
+    inits = {t.name for t in graph.initializer}
+    assert not [n.name for n in graph.node if n.op_type == "Transpose" and n.input[0] in inits]
+    assert any(name.endswith(".T") for name in inits)
+    with lazy.materialized(comp.module(), model.lazy_weights):
+        assert parity_gate(comp, tmp_path / "planner.onnx")

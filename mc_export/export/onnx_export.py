@@ -118,6 +118,34 @@ def _stream_weights(program, refs, buffers: dict[str, torch.Tensor], path: Path)
     missing = [n for n, v in graph.initializers.items() if _is_meta(v.const_value)]
     if missing:
         raise ExportError(f"{path.name}: initializers without values after a meta export: {missing[:5]}")
+    _fold_weight_transposes(graph, refs)
+
+
+def _fold_weight_transposes(graph, refs) -> None:
+    """A meta export skips onnxscript's constant folding, so `linear` stays MatMul(x, Transpose(W)): a session
+    would transpose (copy) every weight at run time, into private memory, and a mapped stage larger than memory
+    would then hold all of it. Each such Transpose of a checkpoint weight becomes the initializer ``W.T``, read
+    from the checkpoint and transposed as it is written (exact; the name `calib.graph.fold_weight_transposes`
+    gives the same fold)."""
+    import onnx_ir as ir
+
+    for node in [n for n in graph if n.op_type == "Transpose" and n.domain == ""]:
+        weight = node.inputs[0]
+        if weight is None or not weight.is_initializer() or weight.name not in refs:
+            continue
+        perm = tuple(node.attributes["perm"].as_ints()) if "perm" in node.attributes else None
+        ref = refs[weight.name]
+        shape = tuple(ref.shape[i] for i in perm) if perm else tuple(reversed(ref.shape))
+        folded = ir.Value(name=weight.name + ".T", shape=ir.Shape(shape), type=ir.TensorType(ir.DataType.FLOAT))
+        folded.const_value = ir.LazyTensor(
+            lambda ref=ref, perm=perm: ir.tensor(ref.load(torch.float32).permute(
+                *(perm or reversed(range(len(ref.shape))))).contiguous().numpy()),
+            dtype=ir.DataType.FLOAT, shape=ir.Shape(shape), name=folded.name)
+        graph.register_initializer(folded)
+        node.outputs[0].replace_all_uses_with(folded)
+        graph.remove(node, safe=True)
+        if not weight.uses():
+            graph.initializers.pop(weight.name)
 
 
 def _is_meta(tensor) -> bool:
