@@ -89,6 +89,10 @@ def run(checkpoint: Path, bundle: Path, height: int, width: int, frames: int, st
     manifest = json.loads((bundle / "manifest.json").read_text())
     result["stages"] = {s: {**r, "gate": manifest["build"]["parity"].get(s)}
                         for s, r in manifest["build"].get("stages", {}).items()}
+    if "build" in result and result["stages"]:  # the build resets the kernel's high-water mark per stage, so its
+        # ru_maxrss shows the last stage only: the peak is the largest stage's
+        result["build"]["peak_rss_mb"] = max(result["build"]["peak_rss_mb"],
+                                             *(r["peak_rss_mb"] for r in result["stages"].values()))
     result["disk"] = {"checkpoint_gb": round(_du(checkpoint) / 1e9, 2), "bundle_gb": round(_du(bundle) / 1e9, 2),
                       "free_gb": round(shutil.disk_usage(bundle).free / 1e9, 1)}
     result["generate"] = _run_child(_GENERATE.format(bundle=str(bundle), prompt=prompt, height=height, width=width,
