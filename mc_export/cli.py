@@ -223,6 +223,35 @@ def _cmd_recipe(args) -> None:
     print(json.dumps(recipe.to_json(), indent=2))
 
 
+def _add_triton(sub) -> None:
+    p = sub.add_parser("triton", help="write a Triton Inference Server model repository serving bundles")
+    p.add_argument("--bundle", action="append", required=True, help="an engine bundle; repeatable (one model each)")
+    p.add_argument("--name", action="append", default=[], help="model name per --bundle (default: its folder name)")
+    p.add_argument("--instances", type=int, default=1, help="model instances (processes) per model")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"],
+                   help="instance kind (auto: gpu for TensorRT bundles, cpu for ONNX Runtime ones)")
+    p.add_argument("--max-batch", type=int, default=4, help="requests one instance runs at once")
+    p.add_argument("--queue-delay-us", type=int, default=1000, help="dynamic batcher's wait for more requests")
+    p.add_argument("--threads", type=int,
+                   help="ONNX Runtime threads per session (default: cores / (instances x max-batch))")
+    p.add_argument("--low-memory", action="store_true", help="open each stage's engine only while it runs")
+    p.add_argument("--no-warmup", action="store_true", help="no one-step warm-up request at load")
+    p.add_argument("--out", required=True, help="the model repository (a new or empty folder, or one written "
+                                                "by this command)")
+    p.set_defaults(func=_cmd_triton)
+
+
+def _cmd_triton(args) -> None:
+    from pathlib import Path
+
+    from metacanvas_deploy.mc_export.triton_repo import TritonConfig, write_repository
+
+    write_repository(TritonConfig(bundles=tuple(Path(b) for b in args.bundle), out=Path(args.out),
+                                  names=tuple(args.name), instances=args.instances, device=args.device,
+                                  max_batch_size=args.max_batch, queue_delay_us=args.queue_delay_us,
+                                  threads=args.threads, low_memory=args.low_memory, warmup=not args.no_warmup))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mc_export", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -236,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         _add_init_checkpoint(sub)
         _add_reference(sub)
         _add_recipe(sub)
+    _add_triton(sub)
     args = parser.parse_args(argv)
     return run_cli(lambda: args.func(args))
 

@@ -90,7 +90,7 @@ def _decode_video(path: Path, max_frames: int, max_pixels: int) -> list[np.ndarr
             frames.append(f[..., :3])
     except RuntimeInputError:
         raise
-    except (OSError, ValueError, RuntimeError, IndexError) as e:
+    except (OSError, ValueError, RuntimeError, IndexError, SyntaxError) as e:  # Pillow: SyntaxError on a bad GIF
         raise RuntimeInputError(f"cannot read video {path}: {e}") from None
     return frames
 

@@ -8,3 +8,5 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q torch==2.13.0
 .venv/bin/python -m pip install -q -e ".[export,test,bench]"
+# .venv-triton: the Triton server (nvidia-pytriton, numpy<2) and tritonclient, for serving and tests/test_triton.py
+bash scripts/bootstrap_triton.sh || echo "warning: scripts/bootstrap_triton.sh failed; tests/test_triton.py retries it" >&2
