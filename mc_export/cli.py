@@ -53,21 +53,14 @@ def _cmd_init_checkpoint(args) -> None:
 
 def _add_reference(sub) -> None:
     from metacanvas_deploy.mc_export.backbones import ALL_TASKS
+    from metacanvas_deploy.runtime.cli import add_request_arguments
 
     p = sub.add_parser("reference", help="sample with the PyTorch reference and write PNG/MP4/GIF")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--task", required=True, choices=ALL_TASKS)
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default="")
-    p.add_argument("--image", help="input image (edit, i2v)")
-    p.add_argument("--video", help="input video (v2v)")
-    p.add_argument("--reference", action="append", default=[], help="reference image (r2v); repeatable")
-    p.add_argument("--height", type=int)
-    p.add_argument("--width", type=int)
-    p.add_argument("--frames", type=int)
-    p.add_argument("--steps", type=int)
-    p.add_argument("--guidance", type=float)
-    p.add_argument("--seed", type=int, default=0)
+    add_request_arguments(p)
     p.add_argument("--out", required=True, help="output file: .png for images, .mp4 or .gif for video")
     p.set_defaults(func=_cmd_reference)
 

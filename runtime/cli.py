@@ -35,6 +35,19 @@ def _generate(args) -> None:
     print(f"wrote {args.out} ({stages})")
 
 
+def add_request_arguments(p: argparse.ArgumentParser) -> None:
+    """A request's media and numbers, shared by `generate` and the compiler's `reference` (one set of names)."""
+    p.add_argument("--image", help="input image (edit, i2v)")
+    p.add_argument("--video", help="input video file or folder of frames (v2v)")
+    p.add_argument("--reference", action="append", default=[], help="reference image (r2v); repeatable")
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--frames", type=int)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--guidance", type=float)
+    p.add_argument("--seed", type=int, default=0)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m runtime", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -44,16 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--negative-prompt")
     p.add_argument("--task", choices=["t2i", "edit", "t2v", "i2v", "v2v", "r2v"],
                    help="default: inferred from the backbone and the inputs given")
-    p.add_argument("--image", help="input image (edit, i2v)")
-    p.add_argument("--video", help="input video file or folder of frames (v2v)")
-    p.add_argument("--reference", action="append", default=[], help="reference image (r2v); repeatable")
-    p.add_argument("--height", type=int)
-    p.add_argument("--width", type=int)
-    p.add_argument("--frames", type=int)
-    p.add_argument("--steps", type=int)
-    p.add_argument("--guidance", type=float)
+    add_request_arguments(p)
     p.add_argument("--true-cfg", type=float, default=1.0, help="FLUX-Kontext true CFG scale (> 1 enables it)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
     p.add_argument("--low-memory", action="store_true",
                    help="open each stage's engine only while it runs (one stage resident at a time), its "
