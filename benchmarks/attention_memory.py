@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -23,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.env import fingerprint
+from benchmarks.timing import in_fresh_process
 
 
 def _grid(tokens: int) -> tuple[int, int]:
@@ -97,10 +97,7 @@ def run(backbone: str, tokens: list[int], variants=("fused", "decomposed")) -> d
         for name, path in paths.items():
             points = []
             for n in tokens:
-                code = (f"import json; from pathlib import Path; from benchmarks.attention_memory import _case; "
-                        f"print(json.dumps(_case(Path({str(path)!r}), {n}, {min(tokens)})))")
-                res = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
-                points.append(json.loads(res.stdout.strip().splitlines()[-1]))
+                points.append(in_fresh_process("benchmarks.attention_memory", "_case", path, n, min(tokens)))
             result[name] = {"points": points, "exponent": round(exponent(points), 2)}
     return result
 

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from benchmarks.timing import in_fresh_process
 
 
 def chain(path: Path, width: int, layers: int) -> list[str]:
@@ -55,10 +56,7 @@ def run(rows: int, width: int, layers: int, budget_mib: float) -> dict:
         chain(path, width, layers)
         cases = []
         for budget in (exposed * 2, int(budget_mib * 2**20)):
-            code = (f"import json; from pathlib import Path; from benchmarks.calib_memory import _case; "
-                    f"print(json.dumps(_case(Path({str(path)!r}), {layers}, {rows}, {width}, {budget})))")
-            res = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
-            cases.append(json.loads(res.stdout.strip().splitlines()[-1]))
+            cases.append(in_fresh_process("benchmarks.calib_memory", "_case", path, layers, rows, width, budget))
     return {"rows": rows, "width": width, "layers": layers, "exposed_bytes": exposed,
             "unbounded": cases[0], "budgeted": cases[1]}
 

@@ -77,3 +77,17 @@ def run_alternating(candidates: Mapping[str, Callable[[], object]], runs: int, w
         if timed[name].first_call_s is None:
             timed[name].first_call_s = seconds
     return timed
+
+
+def in_fresh_process(module: str, function: str, path, *args) -> dict:
+    """``module.function(Path(path), *args)`` in a new Python process; its JSON result. Memory benchmarks measure
+    each case this way: the kernel's high-water mark belongs to a process, and freed memory is rarely returned."""
+    import json
+    import subprocess
+    import sys
+
+    call = ", ".join([f"Path({str(path)!r})", *map(repr, args)])
+    code = (f"import json; from pathlib import Path; from {module} import {function}; "
+            f"print(json.dumps({function}({call})))")
+    res = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 from benchmarks.attention_memory import exponent
 from benchmarks.env import fingerprint
+from benchmarks.timing import in_fresh_process
 
 FRAME = (24, 24)  # patches per side of one image: the runtime's full-size 12x12 merged-token square
 DEPTH = 2  # block 0 windowed, block 1 full attention
@@ -83,10 +83,7 @@ def measure(path: Path, images: list[int]) -> dict:
     """Every point of one graph, each in a fresh process."""
     points = []
     for n in images:
-        code = (f"import json; from pathlib import Path; from benchmarks.vision_memory import _case; "
-                f"print(json.dumps(_case(Path({str(path)!r}), {n})))")
-        res = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
-        points.append(json.loads(res.stdout.strip().splitlines()[-1]))
+        points.append(in_fresh_process("benchmarks.vision_memory", "_case", path, n))
     return {"points": points, "exponent": round(exponent(points), 2)}
 
 
