@@ -43,13 +43,13 @@ def plan_stages(model, ranges: BuildRanges) -> dict[str, Component]:
     return stages
 
 
-def gate_stage(comp: Component, engine, weights=None, tolerance=None) -> tuple[list, str]:
+def gate_stage(comp: Component, engine, weights=None, tolerance=None, log=None) -> tuple[list, str]:
     """The stage's parity gate (raises StageParityError on a miss) for an ONNX file or an engine callable.
     With lazy ``weights``, the stage's reference is loaded alone when it fits the memory budget, else run with
     its weights streamed block by block (`models.streaming`); only a stage whose resident part and largest block
     together exceed the budget is not gated. Returns (rows, why not gated): rows empty when skipped."""
     from metacanvas_deploy.mc_export.models.lazy import fp32_bytes, materialized, memory_budget
-    from metacanvas_deploy.mc_export.models.streaming import resident_bytes, streamed
+    from metacanvas_deploy.mc_export.models.streaming import resident_bytes, stream_units, streamed
 
     if weights is None:
         return parity_gate(comp, engine, tolerance=tolerance), ""
@@ -63,8 +63,15 @@ def gate_stage(comp: Component, engine, weights=None, tolerance=None) -> tuple[l
         return [], (f"even streamed block by block, {(resident + block) / 2**30:.1f} GiB of fp32 weights (resident "
                     f"{resident / 2**30:.1f} GiB + the largest block) > the {budget / 2**30:.1f} GiB budget; run "
                     f"`python -m mc_export verify --bundle DIR` on a machine with ~{3 * need / 2**30:.0f} GiB")
-    with streamed(module, weights):
-        return parity_gate(comp, engine, tolerance=tolerance, mapped=True), ""
+    from metacanvas_deploy.mc_export.progress import Progress
+
+    cases = 2  # parity_gate's default: the opt and min profile points
+    progress = Progress(f"{comp.spec.stage}: gate, reference streamed block by block",
+                        cases * len(stream_units(module)), log, unit_bytes=False)
+    with streamed(module, weights, on_block=lambda: progress.update(1)):
+        rows = parity_gate(comp, engine, tolerance=tolerance, mapped=True)
+    progress.close()
+    return rows, ""
 
 
 def _place(raw: Path, final: Path, weights, comp: Component) -> None:
@@ -123,7 +130,7 @@ def _write_stage(comp: Component, raw: Path, bundle_dir: Path, cfg, log, weights
 
     stage = comp.spec.stage
     started = time.perf_counter()
-    export_component(comp, raw, weights=weights, fused_attention=cfg.target != "tensorrt")
+    export_component(comp, raw, weights=weights, fused_attention=cfg.target != "tensorrt", log=log)
     if cfg.target == "tensorrt":
         final, entry = tensorrt_engine(comp, raw, bundle_dir, cfg, log)
     else:
@@ -134,8 +141,9 @@ def _write_stage(comp: Component, raw: Path, bundle_dir: Path, cfg, log, weights
     exported = time.perf_counter()
     gate = "not run (--no-verify)"
     if cfg.verify:
+        log(f"  {stage}: exported in {exported - started:.0f} s; gating against PyTorch")
         rows, skipped = gate_stage(comp, final if cfg.target != "tensorrt" else _trt_runner(final, entry),
-                                   weights, _tolerance(cfg))
+                                   weights, _tolerance(cfg), log)
         gate = f"not gated: {skipped}" if skipped else "passed"
         if rows:
             worst = max(rows, key=lambda r: r.max_rel)

@@ -36,7 +36,7 @@ def _quiet():
 
 
 def export_component(comp: Component, path: Path, opset: int = OPSET, weights=None,
-                     fused_attention: bool = True) -> list[Path]:
+                     fused_attention: bool = True, log=None) -> list[Path]:
     """Export ``comp`` to ``path`` (one graph covering every shape its spec allows). Returns the files written:
     the .onnx, plus ``<name>.data`` when the weights pass `calib.graph.EXTERNAL_DATA_BYTES` (2 GB: ONNX external
     data, each tensor aligned for memory mapping, `calib.external_data`).
@@ -74,7 +74,7 @@ def export_component(comp: Component, path: Path, opset: int = OPSET, weights=No
             # onnxscript's optimizer folds constants: it would read the (absent) meta weights
             optimize=spec.optimize and weights is None, external_data=external, verbose=False)
         if weights is not None:
-            _stream_weights(program, weights.refs(module), buffers, path)
+            _stream_weights(program, weights.refs(module), buffers, path, log)
         _save(program, path, external)
     files = [path]
     data = path.with_name(path.name + ".data")
@@ -98,10 +98,19 @@ def _save(program, path: Path, external: bool) -> None:
     check_aligned(path)
 
 
-def _stream_weights(program, refs, buffers: dict[str, torch.Tensor], path: Path) -> None:
+def _stream_weights(program, refs, buffers: dict[str, torch.Tensor], path: Path, log=None) -> None:
     """Point every initializer of a meta export at its checkpoint tensor (read when the file is written) or at
-    its buffer's real value."""
+    its buffer's real value. ``log``: progress of the weights read, with the time left (`mc_export.progress`)."""
     import onnx_ir as ir
+
+    from metacanvas_deploy.mc_export.progress import Progress
+
+    progress = Progress(f"{path.stem}: weights", sum(r.nbytes_fp32 for r in refs.values()), log)
+
+    def load(ref, transform=lambda t: t):
+        tensor = transform(ref.load(torch.float32)).contiguous()
+        progress.update(ref.nbytes_fp32)
+        return ir.tensor(tensor.numpy())
 
     graph = program.model.graph
     for name, value in buffers.items():
@@ -113,15 +122,15 @@ def _stream_weights(program, refs, buffers: dict[str, torch.Tensor], path: Path)
             continue
         if value.const_value.dtype != ir.DataType.FLOAT:
             raise ExportError(f"{path.name}: weight {name} is {value.const_value.dtype}, expected float32")
-        value.const_value = ir.LazyTensor(lambda ref=ref: ir.tensor(ref.load(torch.float32).numpy()),
-                                          dtype=ir.DataType.FLOAT, shape=ir.Shape(ref.shape), name=name)
+        value.const_value = ir.LazyTensor(lambda ref=ref: load(ref), dtype=ir.DataType.FLOAT,
+                                          shape=ir.Shape(ref.shape), name=name)
     missing = [n for n, v in graph.initializers.items() if _is_meta(v.const_value)]
     if missing:
         raise ExportError(f"{path.name}: initializers without values after a meta export: {missing[:5]}")
-    _fold_weight_transposes(graph, refs)
+    _fold_weight_transposes(graph, refs, load)
 
 
-def _fold_weight_transposes(graph, refs) -> None:
+def _fold_weight_transposes(graph, refs, load) -> None:
     """A meta export skips onnxscript's constant folding, so `linear` stays MatMul(x, Transpose(W)): a session
     would transpose (copy) every weight at run time, into private memory, and a mapped stage larger than memory
     would then hold all of it. Each such Transpose of a checkpoint weight becomes the initializer ``W.T``, read
@@ -137,10 +146,9 @@ def _fold_weight_transposes(graph, refs) -> None:
         ref = refs[weight.name]
         shape = tuple(ref.shape[i] for i in perm) if perm else tuple(reversed(ref.shape))
         folded = ir.Value(name=weight.name + ".T", shape=ir.Shape(shape), type=ir.TensorType(ir.DataType.FLOAT))
-        folded.const_value = ir.LazyTensor(
-            lambda ref=ref, perm=perm: ir.tensor(ref.load(torch.float32).permute(
-                *(perm or reversed(range(len(ref.shape))))).contiguous().numpy()),
-            dtype=ir.DataType.FLOAT, shape=ir.Shape(shape), name=folded.name)
+        order = perm or tuple(reversed(range(len(ref.shape))))
+        folded.const_value = ir.LazyTensor(lambda ref=ref, order=order: load(ref, lambda t: t.permute(*order)),
+                                           dtype=ir.DataType.FLOAT, shape=ir.Shape(shape), name=folded.name)
         graph.register_initializer(folded)
         node.outputs[0].replace_all_uses_with(folded)
         graph.remove(node, safe=True)

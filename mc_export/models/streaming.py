@@ -46,9 +46,10 @@ def resident_bytes(module: nn.Module) -> tuple[int, int]:
 
 
 @contextlib.contextmanager
-def streamed(module: nn.Module, weights: LazyWeights) -> Iterator[nn.Module]:
+def streamed(module: nn.Module, weights: LazyWeights, on_block=None) -> Iterator[nn.Module]:
     """Run ``module`` (parameters on `meta`) with its weights streamed block by block (see the module docstring).
-    Everything is back on `meta` when the block exits."""
+    Everything is back on `meta` when the block exits. ``on_block()`` is called after each block's weights load
+    (progress)."""
     units = stream_units(module)
     in_units = {id(p) for u in units for p in u.parameters()}
     refs = weights.refs(module)
@@ -61,7 +62,7 @@ def streamed(module: nn.Module, weights: LazyWeights) -> Iterator[nn.Module]:
     try:
         _load(resident, by_id)
         for unit, slots in zip(units, unit_slots):
-            hooks.append(unit.register_forward_pre_hook(lambda _m, _a, s=slots: _load(s, by_id)))
+            hooks.append(unit.register_forward_pre_hook(lambda _m, _a, s=slots: _load(s, by_id, on_block)))
             hooks.append(unit.register_forward_hook(lambda _m, _a, _o, s=slots: _restore(s)))
         yield module
     finally:
@@ -72,13 +73,15 @@ def streamed(module: nn.Module, weights: LazyWeights) -> Iterator[nn.Module]:
         _restore(resident)
 
 
-def _load(slots, by_id) -> None:
+def _load(slots, by_id, done=None) -> None:
     """Read each slot's tensor (fp32) into a real parameter; a tied parameter is read once."""
     real: dict[int, nn.Parameter] = {}
     for owner, name, p in slots:
         if id(p) not in real:
             real[id(p)] = nn.Parameter(by_id[id(p)].load(p.dtype), requires_grad=False)
         owner._parameters[name] = real[id(p)]
+    if done is not None:
+        done()
 
 
 def _restore(slots) -> None:
