@@ -244,9 +244,8 @@ class WrittenCheckpoint:
 
 def write_streamed(cfg: InitCheckpointConfig, log: Callable[[str], None] = print) -> WrittenCheckpoint:
     """The streamed writer (see the module docstring)."""
-    from tqdm import tqdm
-
     from metacanvas_deploy.mc_export.models.metacanvas import MetaCanvas
+    from metacanvas_deploy.mc_export.progress import Progress
 
     preset = get_preset(cfg.backbone, cfg.preset, cfg.planner)
     model = MetaCanvas.from_preset(cfg.backbone, preset, device="meta")
@@ -263,15 +262,16 @@ def write_streamed(cfg: InitCheckpointConfig, log: Callable[[str], None] = print
     weight_bytes = sum(s.data_bytes for p in plans for s in p.shards)
     done = [0]
     try:
-        with _new_folder(out) as tmp, tqdm(total=weight_bytes, unit="B", unit_scale=True, desc="weights",
-                                           disable=not cfg.progress or None) as bar:
+        progress = Progress("checkpoint weights", weight_bytes, log if cfg.progress else None)
+        with _new_folder(out) as tmp:
             _write_configs(tmp, model, preset)
 
             def on_bytes(n: int) -> None:
                 done[0] += n
-                bar.update(n)
+                progress.update(n)
 
             _write_weights(tmp, plans, cfg.seed, on_bytes)
+        progress.close()
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
