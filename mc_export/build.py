@@ -20,10 +20,13 @@ from metacanvas_deploy.runtime.limits import MAX_FRAMES, MAX_PROMPT_TOKENS, MAX_
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
 QUANTIZED = ("int8", "fp8")  # precisions built by calibration (calib/)
-TARGETS = ("auto", "onnxruntime", "tensorrt")
+TARGETS = ("auto", "onnxruntime", "onnxruntime-gpu", "tensorrt")
 # What each target can build today; asking for anything else is a clear error that names what can. fp8 on
 # ONNX Runtime runs emulated (slower than fp32): it measures FP8 accuracy on a CPU; TensorRT runs it for real.
-SUPPORTED = {"onnxruntime": ("fp32", "int8", "fp8"), "tensorrt": ("fp32", "fp16", "bf16", "int8", "fp8")}
+# onnxruntime-gpu (ONNX Runtime's CUDA execution provider, runtime.ort_cuda) is fp32 only: its fp16 needs a
+# mixed-precision graph and a gate on the GPU, neither written yet (TensorRT builds fp16/bf16).
+SUPPORTED = {"onnxruntime": ("fp32", "int8", "fp8"), "onnxruntime-gpu": ("fp32",),
+             "tensorrt": ("fp32", "fp16", "bf16", "int8", "fp8")}
 
 
 @dataclass(frozen=True)
@@ -51,8 +54,9 @@ class BuildConfig:
     # into a bundle with `python -m mc_export engines` (mc_export.tensorrt.export_only / target_build)
     export_only: bool = False
 
-    def validate(self, gpu_available: bool | None = None) -> BuildConfig:
-        """Resolve `auto` and check the combination; returns the resolved config."""
+    def validate(self, gpu_available: bool | None = None, cuda_available: bool | None = None) -> BuildConfig:
+        """Resolve `auto` and check the combination; returns the resolved config. ``gpu_available`` (TensorRT)
+        and ``cuda_available`` (onnxruntime-gpu): what the machine offers, detected when None."""
         if self.precision not in PRECISIONS:
             raise ConfigError(f"unknown precision {self.precision!r}; expected one of {', '.join(PRECISIONS)}")
         if self.target not in TARGETS:
@@ -88,8 +92,11 @@ class BuildConfig:
             raise BuildError("--target tensorrt needs an NVIDIA GPU with TensorRT installed; none is usable here. "
                              "Build for this machine with --target onnxruntime (or auto)")
         if self.precision not in SUPPORTED[target]:
+            gpu_hint = "; for fp16/bf16/int8/fp8 on a GPU use --target tensorrt" if target == "onnxruntime-gpu" else ""
             raise BuildError(f"--precision {self.precision} cannot be built for {target} yet; this machine can "
-                             f"build: {', '.join(SUPPORTED[target])} ({target})")
+                             f"build: {', '.join(SUPPORTED[target])} ({target}){gpu_hint}")
+        if target == "onnxruntime-gpu" and not cuda_available:
+            _check_cuda_provider()
         preset = self.preset if self.preset is not None or self.checkpoint is not None else "tiny"
         return dataclasses.replace(self, target=target, preset=preset)
 
@@ -118,6 +125,17 @@ class BuildConfig:
         for name, triple in self.range_overrides:
             for value in triple:
                 check_int(f"--{name.replace('_', '-')}", value, 1, limits.get(name, MAX_SIDE), ConfigError)
+
+
+def _check_cuda_provider() -> None:
+    """--target onnxruntime-gpu: BuildError before any work unless onnxruntime-gpu sees an NVIDIA GPU here."""
+    from metacanvas_deploy.runtime.errors import BundleError
+    from metacanvas_deploy.runtime.ort_cuda import cuda_identity
+
+    try:
+        cuda_identity()
+    except BundleError as e:
+        raise BuildError(f"--target onnxruntime-gpu needs an NVIDIA GPU and onnxruntime-gpu here: {e}") from None
 
 
 def _tensorrt_usable() -> bool:

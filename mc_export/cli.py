@@ -107,7 +107,7 @@ def _add_build(sub) -> None:
     src.add_argument("--preset", choices=["tiny", "small"], help="seeded random weights (default: tiny)")
     src.add_argument("--checkpoint", help="a local checkpoint folder (see `init-checkpoint`)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16", "int8", "fp8"])
-    p.add_argument("--target", default="auto", choices=["auto", "onnxruntime", "tensorrt"])
+    p.add_argument("--target", default="auto", choices=["auto", "onnxruntime", "onnxruntime-gpu", "tensorrt"])
     p.add_argument("--height", type=_range, help="pixel height range MIN:MAX or MIN:OPT:MAX")
     p.add_argument("--width", type=_range)
     p.add_argument("--frames", type=_range, help="video frame range (4k+1 values)")

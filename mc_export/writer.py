@@ -49,6 +49,10 @@ def tool_versions(target: str = "onnxruntime") -> dict[str, str]:
 def gpu_identity(cfg) -> dict | None:
     """The GPU a TensorRT build is for (name, compute capability, TensorRT/CUDA versions); None for the CPU.
     Checks the precision against the GPU first: a clear error instead of a failure deep in the builder."""
+    if cfg.target == "onnxruntime-gpu":
+        from metacanvas_deploy.runtime.ort_cuda import cuda_identity
+
+        return cuda_identity()
     if cfg.target != "tensorrt":
         return None
     from metacanvas_deploy.mc_export.tensorrt.precision import check_precision
@@ -98,6 +102,9 @@ def build_float(cfg, model, ranges: BuildRanges, steps: int, key: str, log, raw_
     def populate(tmp: Path) -> Manifest:
         written = write_stages(components, tmp, cfg, log, getattr(model, "lazy_weights", None), raw_dir, keep_raw)
         raws.update(written.raws)
+        if cfg.target == "onnxruntime-gpu":  # the same ONNX files, run by the CUDA provider (runtime.ort_cuda)
+            device = gpu_identity(cfg)
+            written.engines.update({s: dataclasses.replace(e, device=device) for s, e in written.engines.items()})
         files = {**written.files, **_write_tokenizer(model, tmp)}
         return manifest(cfg, model, ranges, steps, key, written.engines, files, written.gates,
                         stage_records=written.records)

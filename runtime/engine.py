@@ -33,64 +33,11 @@ from pathlib import Path
 import numpy as np
 
 from metacanvas_deploy.runtime.bundle_verify import hash_all
-from metacanvas_deploy.runtime.errors import BundleError, BundleIntegrityError
+from metacanvas_deploy.runtime.errors import BundleIntegrityError
 from metacanvas_deploy.runtime.manifest import EngineEntry
+from metacanvas_deploy.runtime.ort_engine import OrtEngine, session_options
 
-
-class OrtEngine:
-    """An ONNX Runtime session over one bundle engine. Inputs are checked against the manifest's specs (names,
-    dtypes, shapes within the build's ranges) before running; `seconds` accumulates wall time per call.
-    Thread-safe: ONNX Runtime runs concurrent `run` calls on one session; only the counters need a lock."""
-
-    def __init__(self, path: Path, entry: EngineEntry, threads: int | None = None, mapped: bool = False):
-        import onnxruntime as ort
-
-        self.entry, self.mapped = entry, mapped
-        try:
-            self.session = ort.InferenceSession(str(path), session_options(threads, mapped),
-                                                providers=["CPUExecutionProvider"])
-        except Exception as e:  # ORT raises its own classes for corrupt graphs
-            raise BundleError(f"ONNX Runtime cannot load {path.name} ({e}); rebuild the bundle") from e
-        names = [i.name for i in self.session.get_inputs()], [o.name for o in self.session.get_outputs()]
-        expected = [s.name for s in entry.inputs], [s.name for s in entry.outputs]
-        if sorted(names[0]) != sorted(expected[0]) or sorted(names[1]) != sorted(expected[1]):
-            raise BundleError(f"{path.name} does not match its manifest entry: it takes {names[0]} -> {names[1]}, "
-                              f"the manifest says {expected[0]} -> {expected[1]}; rebuild the bundle")
-        self.output_names = expected[1]
-        self._counters = threading.Lock()
-        self.seconds, self.calls = 0.0, 0
-
-    def __call__(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return self.timed(feeds)[0]
-
-    def timed(self, feeds: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], float]:
-        """(outputs, seconds inside the session for this call): the figure a caller can call its own when other
-        threads use the engine too (input checks excluded)."""
-        self.entry.check_inputs(feeds)
-        start = time.perf_counter()
-        outs = self.session.run(self.output_names, dict(feeds))
-        elapsed = time.perf_counter() - start
-        with self._counters:
-            self.seconds += elapsed
-            self.calls += 1
-        return dict(zip(self.output_names, outs)), elapsed
-
-
-def session_options(threads: int | None = None, mapped: bool = False):
-    """ONNX Runtime's options for a bundle engine: every graph optimisation, or with ``mapped`` (see the module
-    docstring) none, no prepacking and no arena, so that external-data weights stay memory-mapped."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads:
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-    if mapped:
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        so.add_session_config_entry("session.disable_prepacking", "1")
-        so.enable_cpu_mem_arena = False
-    return so
+__all__ = ["OnDemandEngine", "OrtEngine", "check_unchanged", "load_engine", "session_options"]
 
 
 def _open(path: Path, entry: EngineEntry, threads: int | None, mapped: bool = False):
@@ -98,6 +45,10 @@ def _open(path: Path, entry: EngineEntry, threads: int | None, mapped: bool = Fa
         from metacanvas_deploy.runtime.trt_engine import TrtEngine
 
         return TrtEngine(path, entry)
+    if (entry.device or {}).get("provider") == "CUDAExecutionProvider":  # --target onnxruntime-gpu
+        from metacanvas_deploy.runtime.ort_cuda import OrtCudaEngine
+
+        return OrtCudaEngine(path, entry, threads, mapped)
     return OrtEngine(path, entry, threads, mapped)
 
 
@@ -143,6 +94,10 @@ class OnDemandEngine:
             from metacanvas_deploy.runtime.trt_engine import check_device, device_identity
 
             check_device(entry.device or {}, device_identity(), entry.precision)
+        elif (entry.device or {}).get("provider") == "CUDAExecutionProvider":
+            from metacanvas_deploy.runtime.ort_cuda import require_cuda_provider
+
+            require_cuda_provider()
         self.path, self.entry, self.threads, self.mapped = Path(path), entry, threads, mapped
         self._expected = dict(expected or {})
         self._verify_hashes = verify_hashes
@@ -195,7 +150,8 @@ class OnDemandEngine:
         return out, seconds
 
     def run_steps(self, feeds, state_names, per_step, use_cuda_graph: bool = True) -> dict[str, np.ndarray]:
-        """TensorRT's device-resident step loop (`runtime.trt_engine.TrtEngine.run_steps`)."""
+        """The wrapped engine's device-resident step loop (`runtime.trt_engine.TrtEngine.run_steps`,
+        `runtime.ort_cuda.OrtCudaEngine.run_steps`)."""
         with self.hold() as engine:
             start = time.perf_counter()
             out = engine.run_steps(feeds, state_names, per_step, use_cuda_graph)

@@ -46,6 +46,7 @@ from metacanvas_deploy.runtime.limits import (
     max_threads,
 )
 from metacanvas_deploy.runtime.memory import available_bytes
+from metacanvas_deploy.runtime.ort_cuda import is_cuda_entry
 from metacanvas_deploy.runtime.planning import Planner
 from metacanvas_deploy.runtime.request import GenerationOutput, PlannerResult, Request
 from metacanvas_deploy.runtime.schedulers import SchedulePlan
@@ -247,8 +248,9 @@ class Pipeline:
                     for i in range(schedule.num_inference_steps)]
         engine = run.engine("denoise")
         entry = getattr(engine, "entry", None)
-        if hasattr(engine, "run_steps") and entry is not None and entry.backend == "tensorrt" \
-                and not run.observed("denoise"):  # the loop on the GPU, one CUDA-graph launch per step
+        on_gpu = entry is not None and (entry.backend == "tensorrt" or is_cuda_entry(entry))
+        if hasattr(engine, "run_steps") and on_gpu and not run.observed("denoise"):
+            # the loop on the GPU (TensorRT, or ONNX Runtime's CUDA provider), one CUDA-graph launch per step
             names = {"next_sample": "sample"}
             if schedule.history:
                 names.update(next_last_sample="last_sample", next_history="history")

@@ -101,6 +101,24 @@ def check_device(entry_device: Mapping, current: Mapping, precision: str | None 
                           f"bundle on this machine with `{rebuild}`")
 
 
+def check_step_arguments(entry: EngineEntry, feeds, state_names, per_step) -> list[str]:
+    """Validate a device step loop's arguments (`TrtEngine.run_steps`, `runtime.ort_cuda.OrtCudaEngine.run_steps`)
+    against the engine's manifest entry; returns the per-step input names."""
+    if not per_step:
+        raise ShapeError("run_steps needs at least one step")
+    names = sorted(per_step[0])
+    inputs, outputs = {s.name for s in entry.inputs}, {s.name for s in entry.outputs}
+    bad = [f"{o} -> {i}" for o, i in state_names.items() if o not in outputs or i not in inputs or i in names]
+    if bad:
+        raise ShapeError(f"stage `{entry.stage}`: state {bad} must map an output to a non-per-step input")
+    for i, step in enumerate(per_step):
+        if sorted(step) != names or any(np.shape(step[n]) != np.shape(per_step[0][n]) for n in names):
+            raise ShapeError(f"stage `{entry.stage}`: step {i} gives {sorted(step)} with shapes "
+                             f"{[np.shape(step[n]) for n in sorted(step)]}; every step must match step 0")
+    entry.check_inputs({**feeds, **per_step[0]})
+    return names
+
+
 # --- the engine -------------------------------------------------------------------------------------------------
 
 def _nbytes(shape: Sequence[int], dtype: str) -> int:
@@ -252,7 +270,7 @@ class TrtEngine:
         device-to-device copies of each state output onto its input, and replayed for every later step after a
         copy of that step's slot from the table. The host waits once, for the final outputs. A graph that cannot
         be captured falls back, with a warning, to the same loop without a graph: results are identical."""
-        names = self._check_steps(feeds, state_names, per_step)
+        names = check_step_arguments(self.entry, feeds, state_names, per_step)
         with self._lock:
             return self._run_steps(feeds, state_names, per_step, use_cuda_graph, names)
 
@@ -284,22 +302,6 @@ class TrtEngine:
         self.seconds += time.perf_counter() - start
         self.calls += len(per_step)
         return out
-
-    def _check_steps(self, feeds, state_names, per_step) -> list[str]:
-        """Validate a step loop's arguments; returns the per-step input names."""
-        if not per_step:
-            raise ShapeError("run_steps needs at least one step")
-        names = sorted(per_step[0])
-        inputs, outputs = {s.name for s in self.entry.inputs}, {s.name for s in self.entry.outputs}
-        bad = [f"{o} -> {i}" for o, i in state_names.items() if o not in outputs or i not in inputs or i in names]
-        if bad:
-            raise ShapeError(f"stage `{self.entry.stage}`: state {bad} must map an output to a non-per-step input")
-        for i, step in enumerate(per_step):
-            if sorted(step) != names or any(np.shape(step[n]) != np.shape(per_step[0][n]) for n in names):
-                raise ShapeError(f"stage `{self.entry.stage}`: step {i} gives {sorted(step)} with shapes "
-                                 f"{[np.shape(step[n]) for n in sorted(step)]}; every step must match step 0")
-        self.entry.check_inputs({**feeds, **per_step[0]})
-        return names
 
     def _upload_table(self, per_step, names) -> dict[str, int]:
         """Every step's per-step values on the device, one (steps, ...) table per input."""
