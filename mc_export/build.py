@@ -129,13 +129,19 @@ class BuildConfig:
 
 def _check_cuda_provider() -> None:
     """--target onnxruntime-gpu: BuildError before any work unless onnxruntime-gpu sees an NVIDIA GPU here."""
-    from metacanvas_deploy.runtime.errors import BundleError
-    from metacanvas_deploy.runtime.ort_cuda import cuda_identity
+    import onnxruntime as ort
 
+    from metacanvas_deploy.runtime.errors import BundleError
+    from metacanvas_deploy.runtime.ort_cuda import CUDA_PROVIDER, INSTALL, cuda_identity
+
+    if CUDA_PROVIDER not in ort.get_available_providers():
+        raise BuildError(f"--target onnxruntime-gpu needs onnxruntime-gpu; the installed onnxruntime {ort.__version__} "
+                         f"offers {', '.join(ort.get_available_providers())}. On a machine with an NVIDIA GPU: "
+                         f"{INSTALL}. Build for this machine with --target onnxruntime (or auto)")
     try:
         cuda_identity()
     except BundleError as e:
-        raise BuildError(f"--target onnxruntime-gpu needs an NVIDIA GPU and onnxruntime-gpu here: {e}") from None
+        raise BuildError(f"--target onnxruntime-gpu needs a visible NVIDIA GPU: {e}") from None
 
 
 def _tensorrt_usable() -> bool:

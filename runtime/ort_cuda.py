@@ -44,8 +44,8 @@ from metacanvas_deploy.runtime.ort_engine import OrtEngine
 from metacanvas_deploy.runtime.trt_engine import check_step_arguments
 
 CUDA_PROVIDER = "CUDAExecutionProvider"
-INSTALL = ("pip uninstall -y onnxruntime && pip install 'metacanvas-deploy[gpu-ort]' (onnxruntime-gpu replaces "
-           "onnxruntime: the two packages cannot be installed together)")
+INSTALL = ("pip uninstall -y onnxruntime && pip install onnxruntime-gpu==1.32.0 (the `gpu-ort` extra's pin; it "
+           "replaces onnxruntime: the two packages cannot be installed together)")
 REBUILD_CPU = "python -m mc_export build ... --target onnxruntime"
 _KEEP_SIGNATURES = 4  # shape signatures whose device buffers (and captured graphs) are kept
 

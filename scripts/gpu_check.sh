@@ -6,7 +6,8 @@
 # parity against ONNX Runtime, CUDA-graph replay bit-identical to plain execution; engines from an fp16 TensorRT
 # export gated against its references); 5. build a tiny SANA bundle for TensorRT and for ONNX Runtime, and one in
 # two steps (`build --export-only`, then `engines`, as a GPU machine without torch would); 6. the latency
-# benchmark on both, and their ratio. Logs go to OUT_DIR.
+# benchmark on both, and their ratio; 7. the same for --target onnxruntime-gpu (onnxruntime-gpu swapped in for the
+# CPU onnxruntime, and back at exit). Logs go to OUT_DIR.
 # tensorrt-cu12 installs its libraries from NVIDIA's package index; on a machine without network, put every
 # wheel in a folder and run with WHEELHOUSE=/that/folder (pip then installs from it alone).
 set -euo pipefail
@@ -38,4 +39,17 @@ nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total --format=csv
 "$PY" -m benchmarks latency --bundle "$OUT/sana-ort" --out "$OUT/latency_ort.json" 2>&1 | tee "$OUT/latency.log"
 "$PY" -m benchmarks latency --bundle "$OUT/sana-trt" --out "$OUT/latency_trt.json" 2>&1 | tee -a "$OUT/latency.log"
 "$PY" -m benchmarks report "$OUT/latency_ort.json" "$OUT/latency_trt.json" | tee "$OUT/latency_trt_vs_ort.md"
+
+# 7. ONNX Runtime on the GPU (--target onnxruntime-gpu): onnxruntime-gpu REPLACES the CPU onnxruntime (same
+# package, conflicting files), so swap it in, run its gpu tests, build and benchmark, and swap back on exit.
+ORT_PIN=onnxruntime==1.32.0 ORT_GPU_PIN=onnxruntime-gpu==1.32.0
+trap '"$PY" -m pip uninstall -q -y onnxruntime-gpu; "$PY" -m pip install -q "$ORT_PIN"' EXIT
+"$PY" -m pip uninstall -q -y onnxruntime
+"$PY" -m pip install -q "$ORT_GPU_PIN"
+"$PY" -c "from runtime.ort_cuda import cuda_identity; print(cuda_identity())" | tee "$OUT/ort_cuda_device.txt"
+"$PY" -m pytest -p no:logging -m gpu -rs tests/test_ort_cuda.py 2>&1 | tee "$OUT/pytest_ort_gpu.log"
+"$PY" -m mc_export build --backbone sana --target onnxruntime-gpu --steps 3 --out "$OUT/sana-ort-gpu" 2>&1 \
+  | tee -a "$OUT/build.log"
+"$PY" -m benchmarks latency --bundle "$OUT/sana-ort-gpu" --out "$OUT/latency_ort_gpu.json" 2>&1 | tee -a "$OUT/latency.log"
+"$PY" -m benchmarks report "$OUT/latency_ort.json" "$OUT/latency_ort_gpu.json" | tee "$OUT/latency_ort_gpu_vs_ort.md"
 echo "gpu_check: all steps passed; logs in $OUT/"
