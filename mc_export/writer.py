@@ -143,7 +143,7 @@ def manifest(cfg, model, ranges: BuildRanges, steps: int, key: str, engines, fil
         scheduler={"config": scheduler_config, "plans": {str(steps): plan} if plan else {}},
         canvas={"keyframes": mc.canvas_keyframes, "height": mc.canvas_height, "width": mc.canvas_width,
                 "tokens": mc.canvas_tokens},
-        defaults={**dataclasses.asdict(d), "negative_prompt": ""},
+        defaults=_defaults(d, ranges),
         build={"cache_key": key, "command": command, "source": _source(cfg), "tools": tool_versions(cfg.target),
                "precision": cfg.precision, "target": cfg.target, "metacanvas": mc.to_dict(),
                "ranges": ranges.to_json(), "parity": gates,
@@ -165,3 +165,12 @@ def _source(cfg) -> dict:
     return {"preset": cfg.preset, "seed": cfg.seed, "random_canvas": cfg.random_canvas}
 
 
+def _defaults(d, ranges: BuildRanges) -> dict:
+    """The request defaults the runtime falls back on: the checkpoint's, each size pulled to the range's opt
+    value where the build's ranges leave it out (a full-size model built for small requests)."""
+    out = {**dataclasses.asdict(d), "negative_prompt": ""}
+    for key, (lo, opt, hi) in (("height", ranges.height), ("width", ranges.width),
+                               ("num_frames", ranges.num_frames)):
+        if not lo <= out[key] <= hi:
+            out[key] = opt
+    return out

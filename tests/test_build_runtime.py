@@ -251,3 +251,15 @@ def test_the_manifest_records_each_stages_cost(bundles):
         files = [entry.file, *entry.external_data]
         assert rec["bytes"] == sum((bundle.path / f).stat().st_size for f in files)
         assert rec["export_s"] > 0 and rec["gate_s"] > 0 and rec["peak_rss_mb"] > 0
+
+
+def test_defaults_outside_the_built_ranges_become_the_ranges_opt(tmp_path):
+    """A model built for smaller requests than its own defaults (a full-size Wan for 256x256): the manifest's
+    defaults are inside the ranges, so a request without sizes runs (the manifest check refuses anything else)."""
+    from metacanvas_deploy.runtime.bundle import load_bundle
+
+    out = build(BuildConfig(out=tmp_path / "b", backbone="sana", steps=STEPS, range_overrides=(
+        ("height", (32, 32, 32)), ("width", (32, 32, 32)))), log=lambda *a: None)
+    d = load_bundle(out).manifest.defaults
+    assert (d["height"], d["width"]) == (32, 32)
+    assert Pipeline.load(out)("a fox", num_inference_steps=2).frames.shape == (1, 32, 32, 3)
