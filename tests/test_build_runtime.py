@@ -106,7 +106,7 @@ def test_a_build_that_fails_midway_leaves_the_old_bundle(bundles, monkeypatch, t
 
     existing = bundles["sana"]  # built before the exporter is broken
 
-    def killed_during_export(comp, path, weights=None, fused_attention=True):
+    def killed_during_export(comp, path, weights=None, fused_attention=True, log=None):
         Path(path).write_bytes(b"half an onnx file")  # the first stage's export is cut short
         raise KeyboardInterrupt
 
