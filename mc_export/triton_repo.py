@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
 import shutil
 import struct
@@ -31,7 +30,14 @@ import numpy as np
 
 from metacanvas_deploy.mc_export.errors import ConfigError
 from metacanvas_deploy.runtime import serving
-from metacanvas_deploy.runtime.bundle import Bundle, load_bundle, write_atomically
+from metacanvas_deploy.runtime.bundle import (
+    REPLACE_ADVICE,
+    Bundle,
+    load_bundle,
+    occupied,
+    refuse_foreign,
+    write_atomically,
+)
 from metacanvas_deploy.runtime.bundle_verify import listed_files, read_manifest
 from metacanvas_deploy.runtime.errors import BundleWriteError
 from metacanvas_deploy.runtime.limits import check_int, max_threads
@@ -176,25 +182,16 @@ def _copy_runtime(dest: Path) -> None:
 
 def _refuse_foreign(out: Path) -> None:
     """``out`` may be replaced when missing, empty, or a repository this command wrote holding nothing else."""
-    if not os.path.lexists(out):
+    if not occupied(out):
         return
-    if out.is_symlink() or not out.is_dir():
-        raise BundleWriteError(f"{out} exists and is not a directory; refusing to replace it")
-    if not any(out.iterdir()):
-        return
-    advice = "Choose a new or empty --out, or move those files out yourself"
     try:
         listed = set(json.loads((out / INDEX_NAME).read_text())["files"]) | {INDEX_NAME}
     except (OSError, ValueError, KeyError, TypeError):
         raise BundleWriteError(f"{out} exists, is not empty and has no readable {INDEX_NAME}: it is not a model "
-                               f"repository this command wrote, so it is not replaced. {advice}") from None
+                               f"repository this command wrote, so it is not replaced. {REPLACE_ADVICE}") from None
     present = {p.relative_to(out).as_posix() for p in out.rglob("*")
                if not p.is_dir() and not set(p.relative_to(out).parts) & set(_IGNORED)}
-    foreign = sorted(present - listed)
-    if foreign:
-        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-        raise BundleWriteError(f"{out} is a model repository this command wrote, but it also holds files it did "
-                               f"not write ({shown}); it is not replaced. {advice}")
+    refuse_foreign(out, present, listed, "a model repository this command wrote")
 
 
 # --- config.pbtxt ------------------------------------------------------------------------------------------------

@@ -233,31 +233,44 @@ def _recover(out: Path) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
+REPLACE_ADVICE = "Choose a new or empty --out, or move those files out yourself"
+
+
+def occupied(out: Path) -> bool:
+    """Whether a writer must first recognise what ``out`` holds: False when it is missing or an empty directory;
+    True for a non-empty directory; a file or a symlink is refused (never followed, never replaced)."""
+    if not os.path.lexists(out):
+        return False
+    if out.is_symlink() or not out.is_dir():
+        raise BundleWriteError(f"{out} exists and is not a directory; refusing to replace it")
+    return any(out.iterdir())
+
+
+def refuse_foreign(out: Path, present: set[str], listed: set[str], what: str) -> None:
+    """``out`` is ``what``; if it holds files its writer did not list, it is not replaced and they are named."""
+    foreign = sorted(present - listed)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise BundleWriteError(f"{out} is {what} but also holds files it did not write ({shown}); it is not "
+                               f"replaced. {REPLACE_ADVICE}")
+
+
 def _refuse_non_bundle(out: Path) -> None:
     """``out`` may be replaced only when it is missing, empty, or a bundle written by `write_bundle` holding
     nothing else: a manifest that validates (schema, format, sealed hashes) and no file it does not list. A
     checkpoint, a user's folder or a bundle with the user's files added is never replaced."""
-    if not os.path.lexists(out):
+    if not occupied(out):
         return
-    if out.is_symlink() or not out.is_dir():
-        raise BundleWriteError(f"{out} exists and is not a directory; refusing to replace it")
-    if not any(out.iterdir()):
-        return
-    advice = "Choose a new or empty --out, or move those files out yourself"
     if not (out / MANIFEST_NAME).is_file():
         raise BundleWriteError(f"{out} exists, is not empty and has no {MANIFEST_NAME}: it is not a bundle, so "
-                               f"it is not replaced. {advice}")
+                               f"it is not replaced. {REPLACE_ADVICE}")
     try:
         manifest = read_manifest(out.resolve())
         present = _regular_files(out)
     except (BundleError, BundleWriteError) as e:
         raise BundleWriteError(f"{out} holds a {MANIFEST_NAME} that is not a bundle's ({e}); it is not "
-                               f"replaced. {advice}") from None
-    foreign = sorted(present - {MANIFEST_NAME} - {rel for _, rel, _, _ in listed_files(manifest)})
-    if foreign:
-        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-        raise BundleWriteError(f"{out} is a bundle but also holds files it does not list ({shown}); it is not "
-                               f"replaced. {advice}")
+                               f"replaced. {REPLACE_ADVICE}") from None
+    refuse_foreign(out, present, {MANIFEST_NAME} | {rel for _, rel, _, _ in listed_files(manifest)}, "a bundle")
 
 
 def _fresh_dir(out: Path, kind: str) -> Path:

@@ -239,13 +239,11 @@ class Pipeline:
         return sample
 
     def _step_loop(self, run: RequestEngines, feeds, sample, schedule: SchedulePlan, progress: bool) -> np.ndarray:
-        coefficients = schedule.coefficient_array().astype(np.float32)  # (N, 3, 3 + K)
         state = {"sample": sample}
         if schedule.history:
             state["last_sample"] = np.zeros_like(sample)
             state["history"] = np.zeros((schedule.history, *sample.shape), sample.dtype)
-        per_step = [{"timestep": np.array([schedule.timesteps[i]], np.float32), "coefficients": coefficients[i]}
-                    for i in range(schedule.num_inference_steps)]
+        per_step = [schedule.step_feeds(i) for i in range(schedule.num_inference_steps)]
         engine = run.engine("denoise")
         entry = getattr(engine, "entry", None)
         on_gpu = entry is not None and (entry.backend == "tensorrt" or is_cuda_entry(entry))

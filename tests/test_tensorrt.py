@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 import pytest
 import trt_doubles as doubles
-from trt_doubles import H100, FakeBuilderTRT, FakeCudart, FakeTensorRT
+from trt_doubles import H100, FakeBuilderTRT, FakeCudart, FakeTensorRT, gpu_ready
 
 from metacanvas_deploy.mc_export.build import resolve_ranges
 from metacanvas_deploy.mc_export.components.denoise import STATE_INPUTS, STATE_OUTPUTS
@@ -532,17 +532,7 @@ def test_parser_errors_and_unservable_precisions_are_build_errors(fake_builder, 
 
 # --- on a GPU -------------------------------------------------------------------------------------------------
 
-def _gpu_ready() -> bool:
-    try:
-        import tensorrt  # noqa: F401
-        from cuda.bindings import runtime as cudart
-    except (ImportError, OSError):
-        return False
-    err, count = cudart.cudaGetDeviceCount()
-    return int(err) == 0 and count > 0
-
-
-gpu_only = pytest.mark.skipif(not _gpu_ready(), reason="needs an NVIDIA GPU with TensorRT 10 and cuda-python "
+gpu_only = pytest.mark.skipif(not gpu_ready(), reason="needs an NVIDIA GPU with TensorRT 10 and cuda-python "
                                                        "(scripts/gpu_check.sh installs them)")
 
 

@@ -30,7 +30,7 @@ import pytest
 import torch
 import trt_doubles as doubles
 from onnx import numpy_helper
-from trt_doubles import FakeBuilderTRT, FakeCudart
+from trt_doubles import FakeBuilderTRT, FakeCudart, gpu_ready
 
 from metacanvas_deploy.mc_export.build import BuildConfig, build, resolve_ranges
 from metacanvas_deploy.mc_export.cli import main
@@ -314,18 +314,8 @@ def test_the_target_build_runs_without_torch_onnx_or_the_checkpoint(exports, tmp
 
 # --- on a GPU -------------------------------------------------------------------------------------------------
 
-def _gpu_ready() -> bool:
-    try:
-        import tensorrt  # noqa: F401
-        from cuda.bindings import runtime as cudart
-    except (ImportError, OSError):
-        return False
-    err, count = cudart.cudaGetDeviceCount()
-    return int(err) == 0 and count > 0
-
-
 @pytest.mark.gpu
-@pytest.mark.skipif(not _gpu_ready(), reason="needs an NVIDIA GPU with TensorRT 10 and cuda-python "
+@pytest.mark.skipif(not gpu_ready(), reason="needs an NVIDIA GPU with TensorRT 10 and cuda-python "
                                              "(scripts/gpu_check.sh installs them)")
 def test_real_engines_from_an_fp16_export(exports, tmp_path):
     """The fp16 export -> real engines on this GPU, each gated against the export's PyTorch references at

@@ -310,3 +310,14 @@ class FakeConfig:
 
     def get_timing_cache(self):
         return self.create_timing_cache(b"")
+
+
+def gpu_ready() -> bool:
+    """A real TensorRT and a CUDA device are here (the `gpu` tests run); the doubles above stand in otherwise."""
+    try:
+        import tensorrt  # noqa: F401
+        from cuda.bindings import runtime as cudart
+    except (ImportError, OSError):
+        return False
+    err, count = cudart.cudaGetDeviceCount()
+    return int(err) == 0 and count > 0
