@@ -2,13 +2,16 @@
 recording what each costs.
 
     python -m benchmarks.fullsize --checkpoint DIR --bundle OUT [--height 256 --width 256 --frames 9 --steps 4]
-                                  [--prompt TEXT] [--skip-build] [--json OUT]
+                                  [--prompt TEXT] [--skip-build] [--build-args "--precision w4 ..."]
+                                  [--frames-out F.npy] [--reference F.npy] [--json OUT]
 
 Per stage (from the manifest the build writes, `build.stages` and `build.parity`): export and gate seconds, peak
 resident and private memory, bytes, the gate's verdict. For the whole build and the whole request (each in a fresh
 process): wall time, peak resident memory (the kernel's ru_maxrss) and peak private memory (RssAnon, sampled every
 20 ms: what mapped weights do not count against), plus disk: checkpoint, bundle, and the free space left. The
 request runs in low-memory mode (one stage at a time, weights mapped) and reports each stage's engine time.
+``--frames-out`` keeps the request's frames; ``--reference`` (another run's ``--frames-out``, e.g. the fp32 bundle's
+at the same shape, prompt and seed) adds their PSNR: how far a quantized bundle lands from the float path.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -51,6 +55,9 @@ from metacanvas_deploy.runtime.pipeline import Pipeline
 pipe = Pipeline.load({bundle!r}, low_memory=True)
 out = pipe({prompt!r}, height={height}, width={width}, num_frames={frames}, num_inference_steps={steps}, seed=0)
 result.update(timings=out.timings, calls=out.calls, frames=list(out.frames.shape))
+if {frames_out!r}:
+    import numpy as np
+    np.save({frames_out!r}, out.frames)
 """
 
 
@@ -75,7 +82,8 @@ def _du(path: Path) -> int:
 
 
 def run(checkpoint: Path, bundle: Path, height: int, width: int, frames: int, steps: int, prompt: str,
-        build: bool = True) -> dict:
+        build: bool = True, build_args: tuple[str, ...] = (), frames_out: Path | None = None,
+        reference: Path | None = None) -> dict:
     result = {"checkpoint": str(checkpoint), "bundle": str(bundle), "shape": [height, width, frames],
               "steps": steps, "environment": fingerprint(threads=os.cpu_count() or 1)}
     if build:
@@ -83,6 +91,8 @@ def run(checkpoint: Path, bundle: Path, height: int, width: int, frames: int, st
                 "--width", f"{width}:{width}", "--steps", str(steps), "--lazy-weights", "on"]
         if frames > 1:
             argv += ["--frames", f"{frames}:{frames}"]
+        argv += list(build_args)
+        result["build_args"] = list(build_args)
         result["build"] = _run_child(_BUILD.format(argv=argv))
         if result["build"]["exit_status"] != 0:
             return result
@@ -95,8 +105,16 @@ def run(checkpoint: Path, bundle: Path, height: int, width: int, frames: int, st
                                              *(r["peak_rss_mb"] for r in result["stages"].values()))
     result["disk"] = {"checkpoint_gb": round(_du(checkpoint) / 1e9, 2), "bundle_gb": round(_du(bundle) / 1e9, 2),
                       "free_gb": round(shutil.disk_usage(bundle).free / 1e9, 1)}
+    keep = str(frames_out or (reference and Path(bundle).with_name(Path(bundle).name + ".frames.npy")) or "")
     result["generate"] = _run_child(_GENERATE.format(bundle=str(bundle), prompt=prompt, height=height, width=width,
-                                                     frames=frames, steps=steps))
+                                                     frames=frames, steps=steps, frames_out=keep))
+    if reference is not None and result["generate"]["exit_status"] == 0:
+        import numpy as np
+
+        from metacanvas_deploy.calib.quantize import psnr
+
+        result["generate"]["psnr_db_vs_reference"] = round(psnr(np.load(keep), np.load(reference)), 2)
+        result["reference"] = str(reference)
     return result
 
 
@@ -113,6 +131,8 @@ def markdown(result: dict) -> str:
             r = result[phase]
             lines.append(f"{phase}: {r['wall_s']:.0f} s, peak RSS {r['peak_rss_mb'] / 1024:.1f} GiB, peak private "
                          f"{r.get('peak_private_mb', 0) / 1024:.1f} GiB (exit {r['exit_status']})")
+    if "psnr_db_vs_reference" in result.get("generate", {}):
+        lines.append(f"frames vs {result['reference']}: {result['generate']['psnr_db_vs_reference']} dB PSNR")
     if "disk" in result:
         d = result["disk"]
         lines.append(f"disk: checkpoint {d['checkpoint_gb']} GB, bundle {d['bundle_gb']} GB, {d['free_gb']} GB free")
@@ -129,10 +149,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--prompt", default="a red fox running through snow")
     ap.add_argument("--skip-build", action="store_true", help="measure an existing bundle's request only")
+    ap.add_argument("--build-args", default="", help="more build arguments, one string (e.g. \"--precision w4\")")
+    ap.add_argument("--frames-out", type=Path, help="save the request's frames (.npy)")
+    ap.add_argument("--reference", type=Path, help="frames (.npy) of a reference run: reports the PSNR against them")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     result = run(args.checkpoint, args.bundle, args.height, args.width, args.frames, args.steps, args.prompt,
-                 build=not args.skip_build)
+                 build=not args.skip_build, build_args=tuple(shlex.split(args.build_args)),
+                 frames_out=args.frames_out, reference=args.reference)
     if args.json:
         args.json.write_text(json.dumps(result, indent=1) + "\n")
     print(markdown(result))

@@ -300,10 +300,16 @@ def test_fullsize_benchmark_records_build_and_request_costs(tmp_path):
     from metacanvas_deploy.mc_export.models.metacanvas import MetaCanvas
 
     MetaCanvas.from_preset("sana", "tiny", seed=0).save_pretrained(tmp_path / "ckpt")
-    result = run(tmp_path / "ckpt", tmp_path / "bundle", 64, 64, 1, 2, "a fox")
+    result = run(tmp_path / "ckpt", tmp_path / "bundle", 64, 64, 1, 2, "a fox", frames_out=tmp_path / "ref.npy")
     assert result["build"]["exit_status"] == 0 and result["generate"]["exit_status"] == 0
     assert set(result["stages"]) == {"planner", "denoise", "vae_decoder"}
     assert {r["gate"] for r in result["stages"].values()} == {"passed"}
     assert result["generate"]["calls"]["denoise"] == 2 and result["generate"]["frames"] == [1, 64, 64, 3]
     assert result["build"]["peak_rss_mb"] > 0 and result["disk"]["bundle_gb"] >= 0
     assert "| denoise |" in markdown(result)
+    # the same bundle, prompt and seed again, against the first run's frames: a deterministic runtime gives the
+    # same frames bit for bit, so the PSNR is infinite
+    again = run(tmp_path / "ckpt", tmp_path / "bundle", 64, 64, 1, 2, "a fox", build=False,
+                reference=tmp_path / "ref.npy")
+    assert np.load(tmp_path / "ref.npy").shape == (1, 64, 64, 3)
+    assert again["generate"]["psnr_db_vs_reference"] == float("inf") and "dB PSNR" in markdown(again)
