@@ -10,11 +10,12 @@ fails when one of them, a default recipe or an end-to-end test is missing.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from metacanvas_deploy.calib.recipes import Recipe, default_recipe
+from metacanvas_deploy.calib.recipes import WEIGHT_ONLY, Recipe, default_recipe, weight_only_recipe
 from metacanvas_deploy.mc_export.components import flux as flux_stages
 from metacanvas_deploy.mc_export.components import sana as sana_stages
 from metacanvas_deploy.mc_export.components import wan as wan_stages
@@ -29,6 +30,10 @@ from metacanvas_deploy.mc_export.models.presets import Preset, get_preset
 # zero-initialised residual connector: its small output rides on top of the latents), the DiT's output
 # projection and its norm. `calib.recipes` says why these and the embedders.
 COMMON_KEEP_FLOAT = (r"^injector\.", r"(^|\.)proj_out\.", r"(^|\.)norm_out\.")
+# Weight-only planner (every backbone's: the planner is MetaCanvas', not the DiT's): the Qwen LM's linears are
+# quantized; the connectors (context MLP, canvas prep: small, zero-initialised outputs) and the LoRA adapters
+# (rank-r factors whose K is the rank, below any block) stay float.
+PLANNER_KEEP_FLOAT = (("planner", r"^(?!planner\.qwen\.)"), ("planner", r"\.lora_[AB]\."))
 
 
 @dataclass(frozen=True)
@@ -108,4 +113,23 @@ def recipe_for_backbone(name: str, precision: str, num_layers: int | None = None
     """The shipped int8 / fp8 recipe of a backbone. ``num_layers``: the DiT's depth (the edge blocks kept
     float); ``target``: int8 for TensorRT keeps 8-bit weights (`calib.recipes.default_recipe`)."""
     backbone = get(name)
+    if precision in WEIGHT_ONLY:  # w8 / w4: the planner's LM and the DiT step, the VAE float
+        return weight_only_recipe(backbone.name, precision, backbone.keep_float_patterns(num_layers),
+                                  PLANNER_KEEP_FLOAT)
     return default_recipe(backbone.name, precision, backbone.keep_float_patterns(num_layers), target)
+
+
+def mixed_recipe_for_backbone(name: str, formats: Mapping[str, str], num_layers: int | None = None,
+                              target: str = "onnxruntime") -> Recipe:
+    """A per-stage recipe (`build --stage-precision planner=w4,denoise=int8`): each named stage in its format
+    (fp32: left float), on the shipped recipe of the first quantized format, with the weight-only planner's
+    keep-float patterns whenever a stage is weight-only."""
+    quantized = {stage: fmt for stage, fmt in formats.items() if fmt != "fp32"}
+    if not quantized:
+        raise ConfigError("--stage-precision quantizes no stage (every stage fp32): build --precision fp32")
+    base = recipe_for_backbone(name, next(iter(quantized.values())), num_layers, target)
+    weight_only = any(fmt in WEIGHT_ONLY for fmt in quantized.values())
+    tag = "-".join(f"{stage}.{fmt}" for stage, fmt in quantized.items())
+    return dataclasses.replace(base, name=f"{name}-{tag}", stages=tuple(quantized),
+                               stage_formats=tuple(quantized.items()),
+                               stage_keep_float=PLANNER_KEEP_FLOAT if weight_only else base.stage_keep_float)

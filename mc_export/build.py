@@ -18,15 +18,18 @@ from metacanvas_deploy.mc_export.quantized import build_quantized, recipe_for
 from metacanvas_deploy.mc_export.writer import build_float, cache_key, cached, gpu_identity, weights_hash
 from metacanvas_deploy.runtime.limits import MAX_FRAMES, MAX_PROMPT_TOKENS, MAX_SEED, MAX_SIDE, MAX_STEPS, check_int
 
-PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
-QUANTIZED = ("int8", "fp8")  # precisions built by calibration (calib/)
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8", "w8", "w4")
+QUANTIZED = ("int8", "fp8", "w8", "w4")  # precisions built by calib/ against a float bundle (w8/w4: weight-only)
+MIXED = "mixed"  # the bundle precision of a --stage-precision build (each engine entry has its own)
+STAGE_PRECISIONS = ("fp32", "int8", "fp8", "w8", "w4")  # what --stage-precision takes per stage
 TARGETS = ("auto", "onnxruntime", "onnxruntime-gpu", "tensorrt")
 # What each target can build today; asking for anything else is a clear error that names what can. fp8 on
 # ONNX Runtime runs emulated (slower than fp32): it measures FP8 accuracy on a CPU; TensorRT runs it for real.
 # onnxruntime-gpu (ONNX Runtime's CUDA execution provider, runtime.ort_cuda) is fp32 only: its fp16 needs a
 # mixed-precision graph and a gate on the GPU, neither written yet (TensorRT builds fp16/bf16).
-SUPPORTED = {"onnxruntime": ("fp32", "int8", "fp8"), "onnxruntime-gpu": ("fp32",),
-             "tensorrt": ("fp32", "fp16", "bf16", "int8", "fp8")}
+# w8/w4: ONNX Runtime's MatMulNBits on CPUs; TensorRT's weight-only path (blocked DequantizeLinear, symmetric).
+SUPPORTED = {"onnxruntime": ("fp32", "int8", "fp8", "w8", "w4"), "onnxruntime-gpu": ("fp32",),
+             "tensorrt": ("fp32", "fp16", "bf16", "int8", "fp8", "w8", "w4")}
 
 
 @dataclass(frozen=True)
@@ -53,12 +56,21 @@ class BuildConfig:
     # TensorRT without a GPU: write a TensorRT export (graphs, profiles, references) that the GPU machine turns
     # into a bundle with `python -m mc_export engines` (mc_export.tensorrt.export_only / target_build)
     export_only: bool = False
+    # per stage: ((stage, precision), ...) from --stage-precision planner=w4,denoise=int8; the bundle's precision
+    # is then "mixed" and each engine entry records its own
+    stage_precision: tuple[tuple[str, str], ...] = ()
 
     def validate(self, gpu_available: bool | None = None, cuda_available: bool | None = None) -> BuildConfig:
         """Resolve `auto` and check the combination; returns the resolved config. ``gpu_available`` (TensorRT)
         and ``cuda_available`` (onnxruntime-gpu): what the machine offers, detected when None."""
-        if self.precision not in PRECISIONS:
+        if self.precision not in PRECISIONS and not (self.precision == MIXED and self.stage_precision):
             raise ConfigError(f"unknown precision {self.precision!r}; expected one of {', '.join(PRECISIONS)}")
+        if self.stage_precision and self.precision != MIXED:
+            if self.precision != "fp32":
+                raise ConfigError(f"--stage-precision sets every stage's precision; drop --precision {self.precision}")
+            return dataclasses.replace(self, precision=MIXED).validate(gpu_available, cuda_available)
+        if self.precision == MIXED:
+            self._check_stage_precision()
         if self.target not in TARGETS:
             raise ConfigError(f"unknown target {self.target!r}; expected one of {', '.join(TARGETS)}")
         if self.checkpoint is None and self.backbone is None:
@@ -68,7 +80,7 @@ class BuildConfig:
             raise ConfigError(f"lazy_weights must be auto, on or off, got {self.lazy_weights!r}")
         if self.lazy_weights == "on" and self.checkpoint is None:
             raise ConfigError("lazy weights need --checkpoint: preset weights are generated in memory")
-        if self.recipe is not None and getattr(self.recipe, "format", None) != self.precision:
+        if self.recipe is not None and self.precision != MIXED and getattr(self.recipe, "format", None) != self.precision:
             raise ConfigError(f"a {getattr(self.recipe, 'format', '?')} recipe cannot build --precision "
                               f"{self.precision}")
         out = Path(self.out).resolve()
@@ -91,14 +103,52 @@ class BuildConfig:
         if target == "tensorrt" and not gpu and not self.export_only:
             raise BuildError("--target tensorrt needs an NVIDIA GPU with TensorRT installed; none is usable here. "
                              "Build for this machine with --target onnxruntime (or auto)")
-        if self.precision not in SUPPORTED[target]:
-            gpu_hint = "; for fp16/bf16/int8/fp8 on a GPU use --target tensorrt" if target == "onnxruntime-gpu" else ""
-            raise BuildError(f"--precision {self.precision} cannot be built for {target} yet; this machine can "
-                             f"build: {', '.join(SUPPORTED[target])} ({target}){gpu_hint}")
+        self._check_target_precisions(target)
         if target == "onnxruntime-gpu" and not cuda_available:
             _check_cuda_provider()
         preset = self.preset if self.preset is not None or self.checkpoint is not None else "tiny"
         return dataclasses.replace(self, target=target, preset=preset)
+
+    def precisions(self) -> tuple[str, ...]:
+        """Every precision this build asks a target for: the bundle's, or each stage's (mixed)."""
+        if self.precision == MIXED:
+            return tuple(dict.fromkeys(p for _, p in self.stage_precision))
+        return (self.precision,)
+
+    def _check_stage_precision(self) -> None:
+        """--stage-precision: known precisions, each stage once, no --recipe beside it (a recipe file says per
+        stage itself: stage_formats). Stage names are checked against the model's stages once it is loaded,
+        before any export (`mc_export.quantized.build_quantized`)."""
+        seen = set()
+        for stage, precision in self.stage_precision:
+            if precision not in STAGE_PRECISIONS:
+                raise ConfigError(f"--stage-precision {stage}={precision}: expected one of "
+                                  f"{', '.join(STAGE_PRECISIONS)} per stage")
+            if stage in seen:
+                raise ConfigError(f"--stage-precision names {stage} twice")
+            seen.add(stage)
+        if self.recipe is not None:
+            raise ConfigError("--stage-precision and --recipe both say what each stage is; give one (a recipe file "
+                              "sets per-stage formats with stage_formats)")
+        if all(p == "fp32" for _, p in self.stage_precision):
+            raise ConfigError("--stage-precision quantizes no stage (every stage fp32): build --precision fp32")
+
+    def _check_target_precisions(self, target: str) -> None:
+        """Every precision asked (each stage's, mixed) is one ``target`` builds; TensorRT's weight-only path takes
+        symmetric blocks only (its DequantizeLinear needs zero points of 0)."""
+        for precision in self.precisions():
+            self._check_supported(precision, target)
+        weight_only = self.recipe is not None and any(self.recipe.format_of(s) in ("w8", "w4")
+                                                      for s in self.recipe.stages)
+        if weight_only and target == "tensorrt" and not self.recipe.symmetric:
+            raise BuildError("TensorRT's weight-only path takes symmetric blocks only (its DequantizeLinear needs zero "
+                             "points of 0); set \"symmetric\": true in the recipe, or build --target onnxruntime")
+
+    def _check_supported(self, precision: str, target: str) -> None:
+        if precision not in SUPPORTED[target]:
+            gpu_hint = "; for fp16/bf16/int8/fp8 on a GPU use --target tensorrt" if target == "onnxruntime-gpu" else ""
+            raise BuildError(f"--precision {precision} cannot be built for {target} yet; this machine can "
+                             f"build: {', '.join(SUPPORTED[target])} ({target}){gpu_hint}")
 
 
     def _check_export_only(self) -> None:
@@ -216,13 +266,14 @@ def build(cfg: BuildConfig, log=print) -> Path:
         log(f"wrote {out} in {time.perf_counter() - started:.0f} s; on the GPU machine: python -m mc_export "
             f"engines --export {out} --out BUNDLE")
         return out
-    recipe = recipe_for(cfg, model) if cfg.precision in QUANTIZED else None
+    quantized = cfg.precision in QUANTIZED or cfg.precision == MIXED
+    recipe = recipe_for(cfg, model) if quantized else None
     key = cache_key(cfg, model, ranges, steps, digest, recipe)
     out = Path(cfg.out)
     if cached(out, key):
         log(f"{out}: up to date (cache key {key[:12]}), nothing to build")
         return out
-    if cfg.precision in QUANTIZED:
+    if quantized:
         build_quantized(cfg, model, recipe, ranges, steps, digest, key, log)
     else:
         build_float(cfg, model, ranges, steps, key, log)

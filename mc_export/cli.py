@@ -100,13 +100,30 @@ def _range(text: str) -> tuple[int, ...]:
     raise argparse.ArgumentTypeError(f"expected N, MIN:MAX or MIN:OPT:MAX, got {text!r}")
 
 
+def _stage_precision(text: str) -> tuple[tuple[str, str], ...]:
+    """`planner=w4,denoise=int8` -> (("planner", "w4"), ("denoise", "int8")). Names and precisions are checked by
+    `BuildConfig.validate` and against the model's stages before any export."""
+    pairs = []
+    for item in text.split(","):
+        stage, sep, precision = item.strip().partition("=")
+        if not sep or not stage or not precision:
+            raise argparse.ArgumentTypeError(f"expected STAGE=PRECISION[,STAGE=PRECISION...], got {text!r}")
+        pairs.append((stage.strip(), precision.strip()))
+    return tuple(pairs)
+
+
 def _add_build(sub) -> None:
     p = sub.add_parser("build", help="compile a checkpoint (or a preset) into an engine bundle")
     _add_backbone(p)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--preset", choices=["tiny", "small"], help="seeded random weights (default: tiny)")
     src.add_argument("--checkpoint", help="a local checkpoint folder (see `init-checkpoint`)")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16", "int8", "fp8"])
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16", "int8", "fp8", "w8", "w4"],
+                   help="w8/w4: weight-only 8/4-bit blocks, activations float, wherever the backbone's recipe allows "
+                        "(the planner's LM and the denoise step; the VAE float)")
+    p.add_argument("--stage-precision", type=_stage_precision, metavar="STAGE=P[,STAGE=P...]",
+                   help="per-stage precision in one bundle, e.g. planner=w4,denoise=int8 (each of fp32, int8, fp8, "
+                        "w8, w4; stages not named stay fp32)")
     p.add_argument("--target", default="auto", choices=["auto", "onnxruntime", "onnxruntime-gpu", "tensorrt"])
     p.add_argument("--height", type=_range, help="pixel height range MIN:MAX or MIN:OPT:MAX")
     p.add_argument("--width", type=_range)
@@ -157,7 +174,7 @@ def _cmd_build(args) -> None:
                       target=args.target, range_overrides=overrides, steps=args.steps, seed=args.seed,
                       verify=not args.no_verify, lazy_weights=args.lazy_weights,
                       recipe=recipe, float_bundle=Path(args.float_bundle) if args.float_bundle else None,
-                      export_only=args.export_only)
+                      export_only=args.export_only, stage_precision=args.stage_precision or ())
     resolved = cfg.validate()
     if resolved.target != args.target:
         print(f"--target auto: no usable GPU/TensorRT here, building for {resolved.target}", file=sys.stderr)
@@ -200,7 +217,7 @@ def _add_recipe(sub) -> None:
     p = sub.add_parser("recipe", help="print a backbone's default int8/fp8 recipe as JSON (edit it, then "
                                       "`build --recipe FILE`)")
     _add_backbone(p, required=True)
-    p.add_argument("--precision", required=True, choices=["int8", "fp8"])
+    p.add_argument("--precision", required=True, choices=["int8", "fp8", "w8", "w4"])
     p.add_argument("--num-layers", type=int, help="the DiT's depth (the first and last blocks some backbones keep "
                                                   "float)")
     p.add_argument("--target", default="onnxruntime", choices=["onnxruntime", "tensorrt"])

@@ -21,9 +21,10 @@ from pathlib import Path
 
 from metacanvas_deploy.calib.graph import external_data
 from metacanvas_deploy.calib.quantize import quantize_stage
-from metacanvas_deploy.calib.recipes import Recipe
+from metacanvas_deploy.calib.recipes import WEIGHT_ONLY, Recipe
+from metacanvas_deploy.calib.weight_only_stage import quantize_weight_only_stage
 from metacanvas_deploy.mc_export import writer as w
-from metacanvas_deploy.mc_export.backbones import recipe_for_backbone
+from metacanvas_deploy.mc_export.backbones import mixed_recipe_for_backbone, recipe_for_backbone
 from metacanvas_deploy.mc_export.errors import ConfigError
 from metacanvas_deploy.mc_export.export.onnx_export import export_component
 from metacanvas_deploy.mc_export.stages import plan_stages, tensorrt_engine
@@ -42,6 +43,9 @@ def recipe_for(cfg, model) -> Recipe:
     if cfg.recipe is not None:
         return cfg.recipe
     layers = getattr(model.transformer.config, "num_layers", None)
+    if cfg.stage_precision:  # --stage-precision planner=w4,denoise=int8
+        return mixed_recipe_for_backbone(model.cfg.backbone, dict(cfg.stage_precision), num_layers=layers,
+                                         target=cfg.target)
     return recipe_for_backbone(model.cfg.backbone, cfg.precision, num_layers=layers, target=cfg.target)
 
 
@@ -51,8 +55,11 @@ def build_quantized(cfg, model, recipe: Recipe, ranges, steps: int, weights_dige
     components = plan_stages(model, ranges)
     missing = [s for s in recipe.stages if s not in components]
     if missing:
-        raise ConfigError(f"recipe {recipe.name} quantizes {missing}, which a {model.cfg.backbone} bundle lacks")
-    float_cfg = dataclasses.replace(cfg, precision="fp32", recipe=None, float_bundle=None, out=float_bundle_path(cfg))
+        raise ConfigError(f"recipe {recipe.name} quantizes {missing}, which a {model.cfg.backbone} bundle lacks "
+                          f"(its stages: {', '.join(components)})")
+    check_stages(components, recipe)
+    float_cfg = dataclasses.replace(cfg, precision="fp32", recipe=None, float_bundle=None, out=float_bundle_path(cfg),
+                                    stage_precision=())
     float_key = w.cache_key(float_cfg, model, ranges, steps, weights_digest)
     with tempfile.TemporaryDirectory(prefix="calib-") as scratch:
         scratch = Path(scratch)
@@ -70,10 +77,10 @@ def build_quantized(cfg, model, recipe: Recipe, ranges, steps: int, weights_dige
             m = float_bundle.manifest
             engines, records = dict(m.engines), {}
             for stage in recipe.stages:
-                q = quantize_stage(float_bundle.path, raws[stage], recipe, stage, scratch, log=log,
-                                   low_memory=getattr(model, "lazy_weights", None) is not None)
-                engines[stage] = _place_quantized(q, components[stage], m.engines[stage], tmp, cfg, log)
-                records[stage] = q.manifest_record(recipe)
+                q = _quantize(float_bundle.path, raws[stage], recipe, stage, scratch, cfg, model, log)
+                stage_cfg = dataclasses.replace(cfg, precision=recipe.format_of(stage))
+                engines[stage] = _place_quantized(q, components[stage], m.engines[stage], tmp, stage_cfg, log)
+                records[stage] = {**q.manifest_record(recipe), "precision": recipe.format_of(stage)}
             replaced = {rel for stage in recipe.stages for rel in m.engines[stage].external_data}
             files = {rel: "" for rel in m.files if rel not in replaced}
             for rel in files:
@@ -91,6 +98,39 @@ def build_quantized(cfg, model, recipe: Recipe, ranges, steps: int, weights_dige
 
         write_bundle(cfg.out, populate)
     return Path(cfg.out)
+
+
+def check_stages(components, recipe: Recipe) -> None:
+    """Before any export: int8/fp8 only where their gate applies (a denoise step's update), and every weight-only
+    stage's layers from the PyTorch module (`nn.Linear`, named as the export names them): a block size that does
+    not divide a quantized layer's K, or a stage with nothing to quantize, is a RecipeError here."""
+    from torch import nn
+
+    from metacanvas_deploy.calib.weight_only_stage import plan_layers
+
+    for stage in recipe.stages:
+        comp = components[stage]
+        if recipe.format_of(stage) not in WEIGHT_ONLY:
+            if "next_sample" not in comp.spec.output_names:
+                raise ConfigError(f"{stage}: {recipe.format_of(stage)} calibration gates a denoise step's update; "
+                                  f"{stage} is not one: quantize it weight-only (w8 or w4) or leave it fp32")
+            continue
+        shapes = {f"{name}.weight": (m.in_features, m.out_features) for name, m in comp.module().named_modules()
+                  if isinstance(m, nn.Linear)}
+        plan_layers(recipe, stage, shapes)
+
+
+def _quantize(float_bundle: Path, raw: Path, recipe: Recipe, stage: str, scratch: Path, cfg, model, log):
+    """One stage to its recipe format: weight-only (w8/w4: MatMulNBits for ONNX Runtime, blocked
+    DequantizeLinear for TensorRT) or calibrated int8/fp8 (the recipe narrowed to that stage's format)."""
+    low_memory = getattr(model, "lazy_weights", None) is not None
+    fmt = recipe.format_of(stage)
+    if fmt in WEIGHT_ONLY:
+        form = "dequantize" if cfg.target == "tensorrt" else "matmulnbits"
+        return quantize_weight_only_stage(float_bundle, raw, recipe, stage, scratch, log=log, low_memory=low_memory,
+                                          form=form)
+    narrowed = dataclasses.replace(recipe, format=fmt, stage_formats=()) if recipe.stage_formats else recipe
+    return quantize_stage(float_bundle, raw, narrowed, stage, scratch, log=log, low_memory=low_memory)
 
 
 def _raw_export(comp, scratch: Path, model, target: str) -> Path:

@@ -59,7 +59,8 @@ def gpu_identity(cfg) -> dict | None:
     from metacanvas_deploy.runtime.trt_engine import device_identity
 
     identity = device_identity()
-    check_precision(cfg.precision, identity)
+    for precision in cfg.precisions() if hasattr(cfg, "precisions") else (cfg.precision,):  # mixed: each stage's
+        check_precision(precision, identity)
     return identity
 
 

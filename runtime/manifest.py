@@ -45,7 +45,7 @@ __all__ = ["SCHEMA_VERSION", "BUNDLE_FORMAT", "MANIFEST_NAME", "DTYPES", "BACKEN
 BUNDLE_FORMAT = "metacanvas-bundle"
 MANIFEST_NAME = "manifest.json"
 BACKENDS = ("onnxruntime", "tensorrt")
-PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8", "w8", "w4")  # w8/w4: weight-only (float activations)
 REQUEST_RANGES = ("height", "width", "num_frames", "prompt_tokens")
 MULTIPLES = ("height", "width", "num_frames_minus_1")
 # The `python -m mc_export build` flag that sets each request range (as MIN:MAX).

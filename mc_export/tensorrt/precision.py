@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from metacanvas_deploy.mc_export.components.spec_data import Tolerance
 from metacanvas_deploy.mc_export.errors import BuildError
 
-PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8", "w8", "w4")
 MIN_SM = (7, 5)  # the oldest GPU this package builds TensorRT engines for (Turing)
 
 
@@ -36,6 +36,10 @@ RULES: Mapping[str, PrecisionRule] = {r.precision: r for r in (
     PrecisionRule("bf16", (8, 0), strongly_typed=False, builder_flags=("BF16",), tf32=True, needs_qdq=False),
     PrecisionRule("int8", MIN_SM, strongly_typed=True, builder_flags=(), tf32=True, needs_qdq=True),
     PrecisionRule("fp8", (8, 9), strongly_typed=True, builder_flags=(), tf32=True, needs_qdq=True),
+    # weight-only (calib.weight_only): blocked DequantizeLinear on the weights only (IDequantizeLayer block
+    # quantization of INT8/INT4, zero points 0), float activations; strongly typed from the graph's fp32 scales
+    PrecisionRule("w8", MIN_SM, strongly_typed=True, builder_flags=(), tf32=True, needs_qdq=True),
+    PrecisionRule("w4", MIN_SM, strongly_typed=True, builder_flags=(), tf32=True, needs_qdq=True),
 )}
 
 
@@ -55,7 +59,7 @@ DEVICE_CLASSES: tuple[DeviceClass, ...] = (
     DeviceClass("Turing", ("7.5",), "T4, RTX 20 series"),
     DeviceClass("Ampere", ("8.0", "8.6"), "A100, A10, A40, RTX 30 series"),
     DeviceClass("Jetson Orin", ("8.7",), "Jetson AGX Orin, Orin NX, Orin Nano", jetson=True,
-                precisions=("fp32", "fp16", "int8")),
+                precisions=("fp32", "fp16", "int8", "w8", "w4")),
     DeviceClass("Ada", ("8.9",), "L4, L40S, RTX 40 series"),
     DeviceClass("Hopper", ("9.0",), "H100, H200, GH200"),
     DeviceClass("Blackwell", ("10.0", "10.3"), "B200, GB200, B300"),

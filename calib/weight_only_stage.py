@@ -1,0 +1,200 @@
+"""Weight-only quantization of one stage against its float bundle (`--precision w8|w4`, or a stage's w8/w4 in a
+per-stage recipe): round-to-nearest blocks (`calib.weight_only`), gated on the held-out calibration split as
+int8/fp8 are (`calib.quantize`), with a data-free sensitivity fallback.
+
+    raw float ONNX --rewrite (MatMulNBits / blocked DequantizeLinear)--> candidate --ORT offline optimisation--> CPU
+    gates: worst cosine of every stage output on held-out feeds (the denoise step: its update), mean PSNR of
+           decoded frames against the float bundle, end to end
+    fallback: the layers whose weights lose most to quantization (noise-to-signal of W - deq(W)) move one level
+              up per round: 4 -> 8 bits -> float
+
+No calibration data is needed to quantize (round to nearest): the held-out requests only gate. Memory: the rewrite
+reads one weight at a time from the raw export's mapped data (`calib.weight_only_graph`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from metacanvas_deploy.calib import capture as cap
+from metacanvas_deploy.calib import weight_only as wo
+from metacanvas_deploy.calib import weight_only_graph as wg
+from metacanvas_deploy.calib.errors import AccuracyBudgetError, RecipeError
+from metacanvas_deploy.calib.graph import op_counts, optimize_for_ort
+from metacanvas_deploy.calib.quantize import QuantizedStage, StageMetrics, ort_version, psnr, update_cosine
+from metacanvas_deploy.calib.recipes import WEIGHT_ONLY, Recipe
+from metacanvas_deploy.runtime.memory import rss_phase
+
+WEIGHT_ONLY_OPS = ("MatMulNBits", "GatherBlockQuantized", "DequantizeLinear")
+
+
+def stage_spec(recipe: Recipe, stage: str) -> wo.BlockSpec:
+    """The BlockSpec ``recipe`` gives ``stage`` (RecipeError unless that stage is weight-only)."""
+    fmt = recipe.format_of(stage)
+    if fmt not in WEIGHT_ONLY:
+        raise RecipeError(f"recipe {recipe.name}: stage {stage} is {fmt}, not weight-only ({', '.join(WEIGHT_ONLY)})")
+    return wo.BlockSpec(wo.WEIGHT_ONLY_BITS[fmt], recipe.block_size, recipe.symmetric)
+
+
+def plan_layers(recipe: Recipe, stage: str, shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
+    """Weight name -> bits for the layers ``recipe`` quantizes in ``stage`` (``shapes``: weight name -> (K, N) of
+    every weight MatMul). RecipeError before any work for a block size that does not divide a quantized layer's K,
+    or a stage left with nothing to quantize."""
+    spec = stage_spec(recipe, stage)
+    layers = {n: spec.bits for n in shapes if not recipe.keeps_float(n, stage)}
+    for name in layers:
+        wo.check_divisible(name, int(shapes[name][0]), spec.block_size)
+    if not layers:
+        raise RecipeError(f"recipe {recipe.name}: stage {stage} has nothing to quantize weight-only: its "
+                          f"{len(shapes)} weight MatMuls are all kept float by the recipe (keep_float, "
+                          "stage_keep_float); drop the stage from the recipe or keep fewer layers float")
+    return layers
+
+
+def chooser(layers: dict[str, int], recipe: Recipe):
+    """weight name -> BlockSpec (None: float) for `calib.weight_only_graph.rewrite`."""
+    def choose(name: str) -> wo.BlockSpec | None:
+        bits = layers.get(name)
+        return None if bits is None else wo.BlockSpec(bits, recipe.block_size, recipe.symmetric)
+    return choose
+
+
+def embedding_spec(recipe: Recipe, stage: str, form: str) -> wo.BlockSpec | None:
+    """Embedding tables in the stage's bits (ONNX Runtime's form only; TensorRT gathers float tables)."""
+    if not recipe.quantize_embeddings or form != "matmulnbits":
+        return None
+    return stage_spec(recipe, stage)
+
+
+def sensitivity(raw: Path, layers: dict[str, int], recipe: Recipe) -> dict[str, float]:
+    """Per layer: the noise-to-signal ratio of its weight's quantization at its bits (data-free; one weight read
+    at a time from ``raw``'s mapped data)."""
+    import onnx_ir as ir
+
+    model = ir.load(str(raw))
+    wg.fold_transposes(model.graph)
+    out = {}
+    for node in wg.weight_nodes(model.graph)[0]:
+        name = wg.layer_name(node, node.inputs[1])
+        if name in layers:
+            out[name] = wo.weight_error(node.inputs[1].const_value.numpy(),
+                                        wo.BlockSpec(layers[name], recipe.block_size, recipe.symmetric))
+    return out
+
+
+def stage_worst(feeds: Sequence[dict], ours, theirs) -> tuple[float, float]:
+    """Worst (cosine, max-rel) over every output of two engines on ``feeds`` (the step's update for a denoise
+    step's ``next_sample``, whose sample would otherwise hide the DiT's error)."""
+    cos, rel = 1.0, 0.0
+    for f in feeds:
+        a, b = ours(f), theirs(f)
+        for name in b:
+            if name == "next_sample" and "sample" in f:
+                c, r = update_cosine(f, a[name], b[name])
+            else:
+                x, y = a[name].astype(np.float64).ravel(), b[name].astype(np.float64).ravel()
+                d = np.linalg.norm(x) * np.linalg.norm(y)
+                c = float(x @ y / d) if d > 0 else float(np.array_equal(x, y))
+                r = float(np.max(np.abs(x - y)) / max(1e-12, float(np.max(np.abs(y))))) if y.size else 0.0
+            cos, rel = min(cos, c), max(rel, r)
+    return cos, rel
+
+
+def evaluate(pipe, stage: str, candidate: Path, held_feeds, held_reqs, float_frames, steps: int,
+             threads: int | None) -> StageMetrics:
+    """``candidate`` against the float bundle's ``stage``: every output on held-out feeds, then end to end."""
+    from metacanvas_deploy.runtime.engine import load_engine
+
+    float_engine = pipe.engines[stage]
+    entry = dataclasses.replace(float_engine.entry, backend="onnxruntime", backend_version=ort_version())
+    quant = load_engine(candidate, entry, threads, on_demand=pipe.low_memory, mapped=pipe.mapped)
+    cos, rel = stage_worst(held_feeds, quant, float_engine)
+    if pipe.low_memory:
+        float_engine.release()
+        quant.release()
+    values = [psnr(cap.run(pipe, req, steps, engines={stage: quant}).frames, ref)
+              for req, ref in zip(held_reqs, float_frames)]
+    return StageMetrics(values, cos, rel)
+
+
+def _raise_level(layers: dict[str, int], scores: dict[str, float], fraction: float) -> list[str]:
+    """Move the most sensitive ``fraction`` of the layers at the lowest precision one level up (4 -> 8 bits,
+    8 bits -> float: removed). Returns what moved, as 'name -> w8' / 'name -> float'."""
+    low = min(layers.values())
+    pool = sorted((n for n, b in layers.items() if b == low), key=lambda n: -scores.get(n, 0.0))
+    moved = []
+    for name in pool[: max(1, math.ceil(fraction * len(pool)))]:
+        if low == 4:
+            layers[name] = 8
+            moved.append(f"{name} -> w8")
+        else:
+            del layers[name]
+            moved.append(f"{name} -> float")
+    return moved
+
+
+def quantize_weight_only_stage(float_bundle: Path, raw: Path, recipe: Recipe, stage: str, workdir: Path,
+                               threads: int | None = None, log=print, low_memory: bool = False,
+                               form: str = "matmulnbits") -> QuantizedStage:
+    """Weight-only ``stage`` from its raw float export, gated against ``float_bundle``; the fallback raises the
+    most sensitive layers' precision until the budget holds. ``form``: "matmulnbits" (ONNX Runtime) or
+    "dequantize" (TensorRT; gated here on ONNX Runtime's CPU kernels). Raises AccuracyBudgetError with the numbers
+    when even the last round misses."""
+    from metacanvas_deploy.runtime.pipeline import Pipeline
+
+    workdir = Path(workdir)
+    peaks: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def phase(name: str):
+        with rss_phase() as record:
+            yield
+        peaks[name] = round(max(peaks.get(name, 0.0), record["peak_mb"]), 1)
+
+    shapes = wg.candidates(raw)
+    layers = plan_layers(recipe, stage, shapes)
+    kept = sorted(n for n in shapes if n not in layers)
+    with phase("capture"):
+        pipe = Pipeline.load(float_bundle, threads=threads, low_memory=low_memory)
+        held_reqs = cap.requests(tuple(pipe.manifest.tasks), recipe.held_out_prompts, recipe.held_out_seeds,
+                                 "held_out")
+        steps = recipe.evaluation_steps
+        held_feeds = cap.capture(pipe, stage, held_reqs[:1], steps, workdir / f"{stage}.held")
+        float_frames = [cap.run(pipe, req, steps).frames for req in held_reqs]
+    fallback: list[str] = []
+    rounds: list[dict] = []
+    scores = None
+    fmt = recipe.format_of(stage)
+    for round_ in range(recipe.max_fallback_rounds + 1):
+        folder = workdir / f"{stage}.wo{round_}"
+        folder.mkdir(exist_ok=True)
+        candidate, cpu = folder / f"{stage}.{form}.onnx", folder / f"{stage}.onnx"
+        with phase("quantize"):
+            done = wg.rewrite_file(raw, candidate, chooser(layers, recipe), form, embedding_spec(recipe, stage, form))
+            optimize_for_ort(candidate, cpu)
+        with phase("evaluate"):
+            metrics = evaluate(pipe, stage, cpu, held_feeds, held_reqs, float_frames, steps, threads)
+        counts = {b: sum(1 for v in layers.values() if v == b) for b in (4, 8)}
+        rounds.append({"layers_4bit": counts[4], "layers_8bit": counts[8], **metrics.to_json()})
+        log(f"  round {round_}: {counts[4]} layers in 4 bits, {counts[8]} in 8 bits ({fmt}): "
+            f"{metrics.shortfall(recipe)}")
+        if metrics.passes(recipe):
+            ops = op_counts(onnx.load(str(cpu), load_external_data=False))
+            return QuantizedStage(candidate, cpu, sorted(done.layers), kept, fallback, metrics, rounds,
+                                  {op: ops[op] for op in WEIGHT_ONLY_OPS if ops[op]}, peaks)
+        if not layers or round_ == recipe.max_fallback_rounds:
+            break
+        if scores is None:
+            with phase("sensitivity"):
+                scores = sensitivity(raw, layers, recipe)
+        fallback += _raise_level(layers, scores, recipe.fallback_fraction)
+    raise AccuracyBudgetError(f"{stage}: {recipe.name} ({fmt}) misses its accuracy budget after {len(rounds)} rounds "
+                              f"({len(fallback)} layer moves up): {metrics.shortfall(recipe)}. Relax the budget in "
+                              "a recipe file (--recipe), raise max_fallback_rounds, use w8, or build fp32")
