@@ -108,20 +108,30 @@ class Exposer:
         path = self.model_path.with_name(self.model_path.stem + ".expose.onnx")
         onnx.save(model, str(path))
         del model
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        # ONNX Runtime's default order ran every Shape node last, holding every tensor to the end (measured:
-        # 24 x 32 MB chained MatMuls peaked at +793 MB; in priority order, +97 MB).
-        so.execution_order = ort.ExecutionOrder.PRIORITY_BASED
-        so.enable_cpu_mem_arena = False  # an arena keeps its high-water mark; these runs free as they go
-        if self.threads:
-            so.intra_op_num_threads = self.threads
         try:
-            sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+            sess = ort.InferenceSession(str(path), session_options(self.threads), providers=["CPUExecutionProvider"])
         finally:
             path.unlink()
         self.sessions.append(list(outputs))
         return sess
+
+
+def session_options(threads: int | None = None):
+    """The options of every session that reads a float graph's activations for calibration: graph optimisation
+    off, so that every tensor survives as the exporter named it. The block pass (`calib.blockwise`) runs its
+    segments with the same options: kernels chosen differently (a prepacked weight, a fusion) round differently,
+    and the two passes' ranges would no longer be equal."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    # ONNX Runtime's default order ran every Shape node last, holding every tensor to the end (measured:
+    # 24 x 32 MB chained MatMuls peaked at +793 MB; in priority order, +97 MB).
+    so.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+    so.enable_cpu_mem_arena = False  # an arena keeps its high-water mark; these runs free as they go
+    if threads:
+        so.intra_op_num_threads = threads
+    return so
 
 
 def _itemsizes(model_path: Path, tensors: list[str]) -> dict[str, int]:

@@ -69,6 +69,18 @@ class FeedStore(Sequence):
     def end_request(self) -> None:
         self._last = {}
 
+    def index(self) -> list[dict[str, str]]:
+        """Each call's input name -> file: with the folder, all `reopen` needs (a resumed calibration's feeds)."""
+        return [dict(call) for call in self._calls]
+
+    @classmethod
+    def reopen(cls, directory: Path, index: list[dict[str, str]]) -> FeedStore:
+        """The store whose `index` was ``index``, on the files it wrote under ``directory``."""
+        store = cls(directory)
+        store._calls = [dict(call) for call in index]
+        store._files = len({f for call in index for f in call.values()})
+        return store
+
     def __len__(self) -> int:
         return len(self._calls)
 
@@ -99,12 +111,17 @@ def run(pipe, req: CalibRequest, steps: int, stage: str | None = None, sink=None
 
 
 def capture(pipe, stage: str, reqs: list[CalibRequest], steps: int,
-            directory: Path | None = None) -> Sequence[dict[str, np.ndarray]]:
+            directory: Path | None = None, log=None) -> Sequence[dict[str, np.ndarray]]:
     """Every call's inputs of ``stage`` over the requests, in order (deterministic: seeded noise and media);
-    in memory, or in a `FeedStore` under ``directory``."""
+    in memory, or in a `FeedStore` under ``directory``. ``log``: progress with the time left, per request."""
+    from metacanvas_deploy.calib.progress import Progress
+
     sink = [] if directory is None else FeedStore(directory)
+    progress = Progress(f"{stage}: capture (requests)", len(reqs), log, unit_bytes=False)
     for req in reqs:
         run(pipe, req, steps, stage, sink)
         if directory is not None:
             sink.end_request()
+        progress.update(1)
+    progress.close()
     return sink

@@ -32,3 +32,8 @@ class AccuracyBudgetError(CalibError):
 class ExternalDataError(CalibError):
     """An ONNX external-data file not laid out as the compiler writes it: a tensor whose offset is not aligned
     for memory mapping, in another file, without a length, or overlapping another (`calib.external_data`)."""
+
+
+class CalibrationStateError(CalibError, ValueError):
+    """A block-by-block calibration state (`calib.blockwise`) that cannot be resumed: written for another model,
+    graph or recipe, unreadable, or missing files it recorded."""

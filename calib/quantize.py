@@ -38,7 +38,9 @@ from metacanvas_deploy.calib.graph import (
     smooth,
     weight_layers,
 )
+from metacanvas_deploy.calib.ranges import collect_ranges, method, save_ranges
 from metacanvas_deploy.calib.recipes import Recipe
+from metacanvas_deploy.calib.sensitivity import sensitivity
 from metacanvas_deploy.runtime.memory import rss_phase
 
 
@@ -117,49 +119,14 @@ def ort_version() -> str:
 
 
 # --- calibration and ONNX Runtime's quantizer --------------------------------------------------------------------
-_METHODS = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}
-
-
-def _method(recipe: Recipe):
-    from onnxruntime.quantization import CalibrationMethod
-
-    return getattr(CalibrationMethod, _METHODS[recipe.calibration])
-
-
 def calibrate(prepared: Path, nodes: list[str], feeds: Sequence[dict], recipe: Recipe, cache: Path,
               threads: int | None = None, budget: int | None = None) -> None:
     """Activation ranges of every quantizable layer's input and output over ``feeds``, written to ``cache`` in
-    ONNX Runtime's calibration-cache format (the quantizer then reads them instead of calibrating).
-
-    ORT's own calibrator stacks each tensor's samples into one array, which fails when shapes differ between
-    requests (prompt lengths do) and holds every call's activations at once; here each call is collected on
-    its own, in chunks of at most ``budget`` bytes (`calib.activations`), with ORT's histogram collectors.
-    A tensor's histogram only ever sees its own values, call by call, so the ranges do not depend on the
-    chunking."""
-    import contextlib
-    import io
-
-    from onnxruntime.quantization import TensorsData, save_tensors_data
-    from onnxruntime.quantization.calibrate import HistogramCollector
-
+    ONNX Runtime's calibration-cache format (the quantizer then reads them instead of calibrating): the whole
+    graph in one pass (`calib.ranges.collect_ranges`; `calib.blockwise` is the block-by-block pass)."""
     by_name = {n.name: n for n in onnx.load(str(prepared), load_external_data=False).graph.node}
     tensors = sorted({t for n in nodes for t in (by_name[n].input[0], by_name[n].output[0])})
-    expose = Exposer(prepared, tensors, budget, threads)
-    if recipe.calibration == "minmax":
-        lo, hi = {}, {}
-        for t, v in expose(feeds):
-            lo[t] = min(lo.get(t, np.inf), float(v.min()))
-            hi[t] = max(hi.get(t, -np.inf), float(v.max()))
-        data = {t: (np.float32(lo[t]), np.float32(hi[t])) for t in tensors}
-    else:
-        collector = HistogramCollector(method=recipe.calibration, symmetric=False,
-                                       num_bins=2048 if recipe.calibration == "percentile" else 128,
-                                       num_quantized_bins=128, percentile=recipe.percentile, scenario="same")
-        with contextlib.redirect_stdout(io.StringIO()):  # the collector prints per call
-            for t, v in expose(feeds):
-                collector.collect({t: [v]})
-            data = collector.compute_collection_result()
-    save_tensors_data(TensorsData(_method(recipe), data), cache)
+    save_ranges(collect_ranges(prepared, tensors, feeds, recipe, threads, budget), recipe, cache)
 
 
 def quantize_model(prepared: Path, out: Path, recipe: Recipe, nodes: list[str], ranges_cache: Path) -> None:
@@ -181,68 +148,9 @@ def quantize_model(prepared: Path, out: Path, recipe: Recipe, nodes: list[str], 
         op_types_to_quantize=["MatMul", "Conv", "Gemm"], nodes_to_quantize=nodes,
         per_channel=recipe.per_channel_weights, reduce_range=recipe.reduce_range,
         # uint8 activations, int8 weights: the pair ONNX Runtime's CPU integer kernels are fast with
-        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=_method(recipe),
+        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=method(recipe),
         calibration_cache_path=str(ranges_cache), use_external_data_format=external_data(prepared) is not None,
         extra_options={"MatMulConstBOnly": True, "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1}})
-
-
-# --- sensitivity ------------------------------------------------------------------------------------------------
-def _fake_quant(x: np.ndarray, lo: float, hi: float, recipe: Recipe, axis: int | None = None) -> np.ndarray:
-    """x through the recipe's quantizer: int8/uint8 affine (7-bit weights with reduce_range) or FP8 E4M3."""
-    if recipe.format == "fp8":
-        import torch
-
-        amax = np.maximum(np.abs(x).max(axis=axis, keepdims=True) if axis is not None else max(abs(lo), abs(hi)),
-                          1e-12)
-        scale = amax / 448.0
-        q = torch.from_numpy(np.ascontiguousarray(x / scale, dtype=np.float32)).to(torch.float8_e4m3fn).float()
-        return q.numpy() * scale
-    if axis is not None:  # symmetric int8 weights per channel
-        levels = 63.0 if recipe.reduce_range else 127.0
-        scale = np.maximum(np.abs(x).max(axis=tuple(i for i in range(x.ndim) if i != axis), keepdims=True),
-                           1e-12) / levels
-        return np.clip(np.round(x / scale), -levels, levels) * scale
-    lo, hi = min(lo, 0.0), max(hi, 0.0)  # uint8 activations, affine over the calibrated range
-    scale = max(hi - lo, 1e-12) / 255.0
-    zp = np.round(-lo / scale)
-    return (np.clip(np.round(x / scale) + zp, 0, 255) - zp) * scale
-
-
-def sensitivity(prepared: Path, ranges_cache: Path, nodes: list[str], feeds: Sequence[dict], recipe: Recipe,
-                threads: int | None = None, budget: int | None = None) -> dict[str, float]:
-    """Per layer: the quantization noise-to-signal ratio of its input activation (calibrated range) plus its
-    weight (the recipe's granularity), measured on real activations of ``feeds``: the layer's own share of the
-    error, larger = more sensitive. The activation sums accumulate chunk by chunk (`calib.activations`); the
-    weights are read one layer at a time."""
-    from onnx import numpy_helper
-    from onnxruntime.quantization import load_tensors_data
-
-    model = onnx.load(str(prepared), load_external_data=False)
-    by_name = {n.name: n for n in model.graph.node}
-    inits = {t.name: t for t in model.graph.initializer}
-    acts = sorted({by_name[n].input[0] for n in nodes})
-    ranges = load_tensors_data(str(ranges_cache)).data
-    noise, signal = dict.fromkeys(acts, 0.0), dict.fromkeys(acts, 0.0)
-    expose = Exposer(prepared, acts, budget, threads)
-    for a, x in expose(feeds):
-        lo, hi = (float(v) for v in ranges[a].range_value)
-        noise[a] += float(np.sum(np.square(x - _fake_quant(x, lo, hi, recipe)), dtype=np.float64))
-        signal[a] += float(np.sum(np.square(x), dtype=np.float64))
-    out = {}
-    for n in nodes:
-        node = by_name[n]
-        w = numpy_helper.to_array(inits[node.input[1]], base_dir=str(Path(prepared).parent))
-        axis = None
-        if recipe.per_channel_weights:
-            axis = 1 if node.op_type == "MatMul" else 0  # MatMul (K, N): per output column; Conv/Gemm: per row
-        a = node.input[0]
-        out[n] = noise[a] / max(signal[a], 1e-30) + _nsr(w, _fake_quant(w, 0.0, 0.0, recipe, axis))
-    return out
-
-
-def _nsr(x: np.ndarray, xq: np.ndarray) -> float:
-    noise = np.sum(np.square(x - xq), dtype=np.float64)
-    return float(noise / max(np.sum(np.square(x), dtype=np.float64), 1e-30))
 
 
 def _activation_absmax(prepared: Path, nodes: list[str], feeds: Sequence[dict], budget: int | None = None

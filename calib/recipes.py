@@ -31,6 +31,7 @@ FORMATS = ("int8", "fp8", "w8", "w4")
 # Weight-only: block-wise 8/4-bit weights, float activations (`calib.weight_only`); no calibration data needed.
 WEIGHT_ONLY = ("w8", "w4")
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
+CALIBRATION_PASSES = ("block", "whole")
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,11 @@ class Recipe:
     # SmoothQuant: migrate activation outliers into the weights, s_j = max|X_j|^a / max|W_j|^(1-a); None = off
     smoothquant_alpha: float | None = None
     keep_float: tuple[str, ...] = ()  # regexes over weight names (module paths): layers never quantized
+    # "block": calibrate the stage graph block by block (`calib.blockwise`: one block's weights and activations in
+    # memory, resumable, the same ranges as "whole"); "whole": the whole graph at once. block_pattern: a regex
+    # matching one block's module path in full (the backbone's, from the compiler's registry)
+    calibration_pass: str = "whole"
+    block_pattern: str | None = None
     budget: Budget = Budget()
     # calibration data: prompts from calib/data/prompts.json (first N of the calibration split) x steps; the
     # end-to-end gate: held-out prompts x seeds, sampled with evaluation_steps
@@ -98,12 +104,19 @@ class Recipe:
         if min(self.calibration_prompts, self.calibration_steps, self.held_out_prompts, self.evaluation_steps) < 1:
             raise RecipeError(f"recipe {self.name}: needs at least one calibration prompt and step, held-out prompt "
                               "and evaluation step")
+        if self.calibration_pass not in CALIBRATION_PASSES:
+            raise RecipeError(f"recipe {self.name}: calibration_pass must be one of {CALIBRATION_PASSES}, got "
+                              f"{self.calibration_pass!r}")
+        if self.calibration_pass == "block" and not self.block_pattern:
+            raise RecipeError(f"recipe {self.name}: calibration_pass 'block' needs a block_pattern (a regex over the "
+                              "blocks' module paths, e.g. 'transformer\\.blocks\\.\\d+')")
         self._check_stages()
-        for pattern in (*self.keep_float, *(p for _, p in self.stage_keep_float)):
+        for pattern in (*self.keep_float, *([self.block_pattern] if self.block_pattern else []),
+                        *(p for _, p in self.stage_keep_float)):
             try:
                 re.compile(pattern)
             except re.error as e:
-                raise RecipeError(f"recipe {self.name}: keep_float pattern {pattern!r}: {e}") from e
+                raise RecipeError(f"recipe {self.name}: pattern {pattern!r} (keep_float / block_pattern): {e}") from e
 
     def _check_stages(self) -> None:
         """Per-stage formats name quantized stages and known formats; weight-only blocks are MatMulNBits'."""
@@ -149,11 +162,13 @@ class Recipe:
         return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()
 
 
-def default_recipe(backbone: str, precision: str, keep_float: tuple[str, ...], target: str = "onnxruntime"
-                   ) -> Recipe:
+def default_recipe(backbone: str, precision: str, keep_float: tuple[str, ...], target: str = "onnxruntime",
+                   block_pattern: str | None = None) -> Recipe:
     """The shipped recipe for a precision. ``backbone`` names the recipe; ``keep_float``: regexes over weight
     names (module paths) of the layers never quantized, the backbone's own (`mc_export.backbones`); ``target``:
-    int8 for TensorRT keeps 8-bit weights (no saturation to dodge)."""
+    int8 for TensorRT keeps 8-bit weights (no saturation to dodge); ``block_pattern``: the backbone's block
+    module paths, where it has one: then calibration walks the blocks (the same ranges, bounded memory)."""
+    blocks = {"calibration_pass": "block" if block_pattern else "whole", "block_pattern": block_pattern}
     if precision not in FORMATS:
         raise RecipeError(f"no quantization recipe for precision {precision!r}; expected one of {FORMATS}")
     keep = tuple(keep_float)
@@ -161,9 +176,9 @@ def default_recipe(backbone: str, precision: str, keep_float: tuple[str, ...], t
         return weight_only_recipe(backbone, precision, keep, ())
     if precision == "int8":
         return Recipe(name=f"{backbone}-int8-w8a8", format="int8", keep_float=keep,
-                      reduce_range=target != "tensorrt")
+                      reduce_range=target != "tensorrt", **blocks)
     return Recipe(name=f"{backbone}-fp8-e4m3", format="fp8", per_channel_weights=False, calibration="minmax",
-                  reduce_range=False, keep_float=keep)
+                  reduce_range=False, keep_float=keep, **blocks)
 
 
 def weight_only_recipe(backbone: str, precision: str, keep_float: tuple[str, ...],
