@@ -19,6 +19,7 @@ from metacanvas_deploy.calib.recipes import WEIGHT_ONLY, Recipe, default_recipe,
 from metacanvas_deploy.mc_export.components import flux as flux_stages
 from metacanvas_deploy.mc_export.components import sana as sana_stages
 from metacanvas_deploy.mc_export.components import wan as wan_stages
+from metacanvas_deploy.mc_export.components.step_cache import CacheLayout
 from metacanvas_deploy.mc_export.errors import ConfigError
 from metacanvas_deploy.mc_export.models.backbones.flux import FluxKontextAdapter
 from metacanvas_deploy.mc_export.models.backbones.sana import SanaAdapter
@@ -53,6 +54,8 @@ class Backbone:
     keep_float: tuple[str, ...]  # quantization: layers kept float besides COMMON_KEEP_FLOAT (regexes)
     keep_float_edge_blocks: int = 0  # ... and this many first and last DiT blocks
     blocks: str = "transformer_blocks"  # the module path of the DiT's block list (edge blocks' patterns)
+    # step caching (`components.step_cache`): the block lists a CACHED step skips, where the target tokens sit
+    cache_layout: CacheLayout = CacheLayout(blocks=("transformer_blocks",))
 
     def preset(self, name: str) -> Preset:
         """The named preset's configs (tiny, small, full: `models.presets`)."""
@@ -80,13 +83,15 @@ BACKBONES: Mapping[str, Backbone] = MappingProxyType({
         name="wan", tasks=TASKS["wan"], transformer_class="WanTransformer3DModel", vae_class="AutoencoderKLWan",
         scheduler_class="UniPCMultistepScheduler", adapter=WanAdapter, stage_components=wan_stages.stage_components,
         runtime_host="wan", text_dim_field="text_dim",
-        keep_float=(r"\.patch_embedding\.", r"\.condition_embedder\."), keep_float_edge_blocks=1, blocks="blocks"),
+        keep_float=(r"\.patch_embedding\.", r"\.condition_embedder\."), keep_float_edge_blocks=1, blocks="blocks",
+        cache_layout=CacheLayout(blocks=("blocks",), target="last")),  # r2v reference frames come first
     "flux": Backbone(
         name="flux", tasks=TASKS["flux"], transformer_class="FluxTransformer2DModel", vae_class="AutoencoderKL",
         scheduler_class="FlowMatchEulerDiscreteScheduler", adapter=FluxKontextAdapter,
         stage_components=flux_stages.stage_components, runtime_host="flux", text_dim_field="joint_attention_dim",
         keep_float=(r"\.x_embedder\.", r"\.context_embedder\.", r"\.time_text_embed\.",
-                    r"\.norm1(_context)?\.linear\.", r"\.norm\.linear\.")),
+                    r"\.norm1(_context)?\.linear\.", r"\.norm\.linear\."),
+        cache_layout=CacheLayout(blocks=("transformer_blocks", "single_transformer_blocks"))),  # context image last
     "sana": Backbone(
         name="sana", tasks=TASKS["sana"], transformer_class="SanaTransformer2DModel", vae_class="AutoencoderDC",
         scheduler_class="FlowMatchEulerDiscreteScheduler", adapter=SanaAdapter,

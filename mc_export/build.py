@@ -59,6 +59,10 @@ class BuildConfig:
     # per stage: ((stage, precision), ...) from --stage-precision planner=w4,denoise=int8; the bundle's precision
     # is then "mixed" and each engine entry records its own
     stage_precision: tuple[tuple[str, str], ...] = ()
+    # step caching (`components.step_cache`, `step_cache_build`): "off", "auto" (the most aggressive schedule within
+    # the budget) or a MagCache threshold; the budget is the worst held-out PSNR of decoded frames vs uncached
+    cache: str = "off"
+    cache_budget_db: float = 30.0
 
     def validate(self, gpu_available: bool | None = None, cuda_available: bool | None = None) -> BuildConfig:
         """Resolve `auto` and check the combination; returns the resolved config. ``gpu_available`` (TensorRT)
@@ -96,6 +100,7 @@ class BuildConfig:
             raise ConfigError("--preset and --checkpoint are exclusive: a checkpoint brings its own weights")
         if self.export_only:
             self._check_export_only()
+        self._check_cache()
         gpu = _tensorrt_usable() if gpu_available is None else gpu_available
         target = self.target
         if target == "auto":
@@ -164,6 +169,24 @@ class BuildConfig:
                              "needs calibration against a float bundle and a quantized-engine gate on the GPU "
                              "machine, which exports do not carry yet: build it on the GPU machine with `python -m "
                              f"mc_export build --target tensorrt --precision {self.precision}`")
+    def _check_cache(self) -> None:
+        """--cache: off, auto or a threshold, with the options it cannot combine with refused before any work."""
+        from metacanvas_deploy.runtime.limits import check_real
+        from metacanvas_deploy.runtime.step_cache import check_threshold
+
+        if self.cache == "off":
+            return
+        if self.cache != "auto":
+            check_threshold(self.cache, ConfigError, "--cache")
+        check_real("--cache-budget", self.cache_budget_db, 1.0, 100.0, ConfigError)
+        fixes = {self.precision not in ("fp32",): f"--precision {self.precision} (only fp32 steps are cached yet)",
+                 self.export_only: "--export-only (an export carries no step-cache schedule yet)",
+                 self.target == "tensorrt": "--target tensorrt (its engines drop the inputs a CACHED step does not "
+                                            "read: not yet; build for onnxruntime)",
+                 not self.verify: "--no-verify (the schedule is chosen by measuring accuracy)"}
+        if True in fixes:
+            raise ConfigError(f"--cache {self.cache} cannot be combined with {fixes[True]}")
+
 
     def _check_numbers(self) -> None:
         """Steps, seed and range overrides: integers inside the global bounds (`runtime.limits`); zero is never
@@ -306,7 +329,7 @@ def verify(bundle_dir: str | Path) -> list[str]:
                          max_reference_frames=r["max_reference_frames"])
     lines, quantized = [TABLE_HEADER], []
     weights = getattr(model, "lazy_weights", None)
-    for stage, comp in plan_stages(model, ranges).items():
+    for stage, comp in plan_stages(model, ranges, cache="denoise_cached" in m.engines).items():
         if stage not in m.engines:
             raise ConfigError(f"{bundle.path} has no {stage!r} engine; rebuild it")
         entry = m.engines[stage]

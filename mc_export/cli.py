@@ -142,6 +142,11 @@ def _add_build(sub) -> None:
     p.add_argument("--export-only", action="store_true",
                    help="with --target tensorrt: no GPU needed here; write a TensorRT export (graphs, profiles, "
                         "references) that `engines` turns into a bundle on the GPU machine")
+    p.add_argument("--cache", default="off", metavar="off|auto|THRESHOLD",
+                   help="step caching (MagCache): auto picks the most aggressive skip schedule within "
+                        "--cache-budget; a number fixes the threshold (default off)")
+    p.add_argument("--cache-budget", type=float, default=30.0,
+                   help="step caching's accuracy budget: worst held-out PSNR (dB) of frames vs uncached")
     p.add_argument("--out", required=True)
     p.set_defaults(func=_cmd_build)
 
@@ -174,7 +179,8 @@ def _cmd_build(args) -> None:
                       target=args.target, range_overrides=overrides, steps=args.steps, seed=args.seed,
                       verify=not args.no_verify, lazy_weights=args.lazy_weights,
                       recipe=recipe, float_bundle=Path(args.float_bundle) if args.float_bundle else None,
-                      export_only=args.export_only, stage_precision=args.stage_precision or ())
+                      export_only=args.export_only, stage_precision=args.stage_precision or (),
+                      cache=args.cache, cache_budget_db=args.cache_budget)
     resolved = cfg.validate()
     if resolved.target != args.target:
         print(f"--target auto: no usable GPU/TensorRT here, building for {resolved.target}", file=sys.stderr)

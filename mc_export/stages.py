@@ -31,15 +31,20 @@ def scheduler_history(model) -> int:
     return make_plan(scheduler_config(model.adapter), 2, image_seq_len=256).history
 
 
-def plan_stages(model, ranges: BuildRanges) -> dict[str, Component]:
+def plan_stages(model, ranges: BuildRanges, cache: bool = False) -> dict[str, Component]:
     """Stage name -> component, in run order. The backbone's record (`mc_export.backbones`) says which denoise
-    and VAE stages its tasks need."""
+    and VAE stages its tasks need; ``cache``: step caching's FULL and CACHED steps (`components.step_cache`) in
+    place of the one denoise step."""
     stages: dict[str, Component] = {}
     if _VISION_TASKS & set(model.cfg.tasks):
         stages["vision_encoder"] = VisionComponent(model, ranges)
     stages["planner"] = PlannerComponent(model, ranges)
     backbone = backbones.get(model.cfg.backbone)
     stages.update(backbone.stage_components(model, ranges, scheduler_history(model)))
+    if cache:
+        from metacanvas_deploy.mc_export.components.step_cache import cache_stages
+
+        stages = cache_stages(stages, backbone.cache_layout)
     return stages
 
 

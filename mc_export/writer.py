@@ -70,6 +70,8 @@ def cache_key(cfg, model, ranges: BuildRanges, steps: int, weights_digest: str, 
     payload = {"weights": weights_digest, "metacanvas": model.cfg.to_dict(), "precision": cfg.precision,
                "target": cfg.target, "ranges": ranges.to_json(), "steps": steps, "tools": tool_versions(cfg.target),
                "verify": cfg.verify, "schema": SCHEMA_VERSION, "device": gpu_identity(cfg)}
+    if getattr(cfg, "cache", "off") != "off":  # step caching (absent when off: existing keys stay valid)
+        payload["cache"] = [cfg.cache, cfg.cache_budget_db]
     if recipe is not None:
         payload["recipe"] = recipe.digest()
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
@@ -95,7 +97,8 @@ def build_float(cfg, model, ranges: BuildRanges, steps: int, key: str, log, raw_
     from metacanvas_deploy.mc_export.stages import plan_stages, write_stages
     from metacanvas_deploy.runtime.bundle import write_bundle
 
-    components = plan_stages(model, ranges)
+    cache = getattr(cfg, "cache", "off") != "off"
+    components = plan_stages(model, ranges, cache=cache)
     log(f"building {model.cfg.backbone} ({cfg.preset or 'checkpoint'}) for {cfg.target} {cfg.precision}: "
         f"stages {', '.join(components)}")
     raws: dict[str, Path | None] = {}
@@ -107,8 +110,15 @@ def build_float(cfg, model, ranges: BuildRanges, steps: int, key: str, log, raw_
             device = gpu_identity(cfg)
             written.engines.update({s: dataclasses.replace(e, device=device) for s, e in written.engines.items()})
         files = {**written.files, **_write_tokenizer(model, tmp)}
-        return manifest(cfg, model, ranges, steps, key, written.engines, files, written.gates,
+        made = manifest(cfg, model, ranges, steps, key, written.engines, files, written.gates,
                         stage_records=written.records)
+        if cache:  # the schedule is measured on this very bundle, before it is sealed (mc_export.step_cache_build)
+            from metacanvas_deploy.mc_export.step_cache_build import bundle_schedule
+
+            made = manifest(cfg, model, ranges, steps, key, written.engines, files, written.gates,
+                            stage_records=written.records,
+                            step_cache=bundle_schedule(cfg, components, tmp, made, steps, log).to_dict())
+        return made
 
     write_bundle(cfg.out, populate)
     return raws
@@ -120,7 +130,8 @@ def _write_tokenizer(model, tmp: Path) -> dict[str, str]:
 
 
 def manifest(cfg, model, ranges: BuildRanges, steps: int, key: str, engines, files,
-             gates: dict[str, str], quantization: dict | None = None, stage_records: dict | None = None) -> Manifest:
+             gates: dict[str, str], quantization: dict | None = None, stage_records: dict | None = None,
+             step_cache: dict | None = None) -> Manifest:
     """Every bundle's manifest (float or quantized: ``quantization`` is `build.quantization`)."""
     from metacanvas_deploy.mc_export.components.common import scheduler_config as scheduler_config_of
     from metacanvas_deploy.runtime.schedulers import make_plan
@@ -141,7 +152,8 @@ def manifest(cfg, model, ranges: BuildRanges, steps: int, key: str, engines, fil
                 "prompt_tokens": (ranges.prompt_tokens[0], ranges.prompt_tokens[2])},
         multiples={"height": model.adapter.size_multiple, "width": model.adapter.size_multiple,
                    "num_frames_minus_1": model.adapter.frame_multiple or 1},
-        scheduler={"config": scheduler_config, "plans": {str(steps): plan} if plan else {}},
+        scheduler={"config": scheduler_config, "plans": {str(steps): plan} if plan else {},
+                   **({"cache": step_cache} if step_cache else {})},
         canvas={"keyframes": mc.canvas_keyframes, "height": mc.canvas_height, "width": mc.canvas_width,
                 "tokens": mc.canvas_tokens},
         defaults=_defaults(d, ranges),

@@ -6,6 +6,7 @@ import argparse
 
 from metacanvas_deploy.runtime.errors import RuntimeInputError, run_cli
 from metacanvas_deploy.runtime.limits import MAX_FRAMES, check_int, max_threads
+from metacanvas_deploy.runtime.step_cache import check_cache_arg
 
 
 def _generate(args) -> None:
@@ -18,6 +19,7 @@ def _generate(args) -> None:
 
     if args.threads is not None:
         check_int("--threads", args.threads, 1, max_threads(), RuntimeInputError)
+    cache = check_cache_arg(args.cache, RuntimeInputError)
     manifest = load_manifest(args.bundle, verify_hashes=False)  # the JSON alone: cheap, checked again by load
     frames = args.frames if args.frames is not None else manifest.defaults["num_frames"]
     check_output(args.out, check_int("--frames", frames, 1, MAX_FRAMES, RuntimeInputError))
@@ -25,7 +27,7 @@ def _generate(args) -> None:
     image = read_image(args.image) if args.image else None
     video = read_video(args.video, max_frames=max_video) if args.video else None
     references = [read_image(r) for r in args.reference] or None
-    pipe = Pipeline.load(args.bundle, threads=args.threads, low_memory=args.low_memory)
+    pipe = Pipeline.load(args.bundle, threads=args.threads, low_memory=args.low_memory, cache=cache)
     out = pipe(args.prompt, args.negative_prompt, task=args.task, image=image, video=video,
                reference_images=references, height=args.height, width=args.width, num_frames=args.frames,
                num_inference_steps=args.steps, guidance_scale=args.guidance, true_cfg_scale=args.true_cfg,
@@ -33,6 +35,7 @@ def _generate(args) -> None:
     write_media(args.out, out.frames)
     stages = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in out.timings.items())
     print(f"wrote {args.out} ({stages})")
+    print(f"steps: {out.steps_computed} computed, {out.steps_cached} cached")
 
 
 def add_request_arguments(p: argparse.ArgumentParser) -> None:
@@ -63,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--low-memory", action="store_true",
                    help="open each stage's engine only while it runs (one stage resident at a time), its "
                         "weights memory-mapped from the bundle instead of copied")
+    p.add_argument("--cache", default="auto", metavar="auto|off|THRESHOLD",
+                   help="step caching of a bundle built with --cache: auto follows the bundle's schedule, off "
+                        "computes every step, a number replaces its threshold (smaller: stricter)")
     p.add_argument("--out", required=True, help=".png for images, .mp4 or .gif for video")
     p.set_defaults(func=_generate)
     args = parser.parse_args(argv)

@@ -37,6 +37,7 @@ from metacanvas_deploy.runtime.manifest_fields import (
     is_int,
     thaw,
 )
+from metacanvas_deploy.runtime.step_cache import check_manifest_cache
 from metacanvas_deploy.runtime.tensor_spec import DTYPES, DimRange, TensorSpec, parse_ranges
 
 __all__ = ["SCHEMA_VERSION", "BUNDLE_FORMAT", "MANIFEST_NAME", "DTYPES", "BACKENDS", "PRECISIONS",
@@ -209,6 +210,7 @@ class Manifest:
         for steps in check_mapping(plans, "scheduler.plans"):
             if not (steps.isdigit() and 1 <= int(steps) <= MAX_STEPS):
                 raise fail(f"scheduler.plans.{steps}", f"expected a step count in 1..{MAX_STEPS}")
+        check_manifest_cache(self)  # scheduler.cache: the step-cache schedule (runtime.step_cache)
 
     def _check_defaults(self) -> None:
         """The request defaults the runtime falls back on: inside this bundle's ranges and the global bounds."""

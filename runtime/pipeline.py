@@ -32,6 +32,7 @@ import numpy as np
 from metacanvas_deploy.runtime.backbones import backbone_module
 from metacanvas_deploy.runtime.backbones.common import RequestContext, denoise_shape, schedule_plan, token_grid
 from metacanvas_deploy.runtime.bundle import Bundle, load_bundle
+from metacanvas_deploy.runtime.cached_steps import cached_loop
 from metacanvas_deploy.runtime.engine import load_engine
 from metacanvas_deploy.runtime.errors import BundleError, RuntimeInputError
 from metacanvas_deploy.runtime.limits import (
@@ -51,6 +52,7 @@ from metacanvas_deploy.runtime.planning import Planner
 from metacanvas_deploy.runtime.request import GenerationOutput, PlannerResult, Request
 from metacanvas_deploy.runtime.schedulers import SchedulePlan
 from metacanvas_deploy.runtime.stage_calls import Observer, Observers, RequestEngines
+from metacanvas_deploy.runtime.step_cache import CACHED_STAGE, check_cache_arg, request_mask
 
 __all__ = ["GenerationOutput", "Pipeline", "PlannerResult", "Request"]
 
@@ -81,14 +83,16 @@ class Pipeline:
     bit for bit, resident or low-memory."""
 
     def __init__(self, bundle: Bundle, threads: int | None = None, low_memory: bool = False,
-                 verify_hashes: bool = True, mapped: bool | None = None):
+                 verify_hashes: bool = True, mapped: bool | None = None, cache="auto"):
         _check_threads(threads)
+        self.cache = check_cache_arg(cache, RuntimeInputError)  # step caching: "auto", "off", a threshold
         self.bundle = bundle
         m = self.manifest = bundle.manifest
         self.low_memory = low_memory
         self.mapped = low_memory if mapped is None else bool(mapped)
         if not self.mapped:
             _check_memory(bundle, low_memory)
+        request_mask(m, m.defaults["num_inference_steps"], self.cache, RuntimeInputError)  # a threshold needs one
         self.backbone = backbone_module(m.backbone)
         self.engines = MappingProxyType({
             stage: load_engine(bundle.engine_path(stage), entry, threads, on_demand=low_memory,
@@ -100,12 +104,14 @@ class Pipeline:
 
     @classmethod
     def load(cls, bundle_dir: str | Path, threads: int | None = None, verify_hashes: bool = True,
-             low_memory: bool = False, mapped: bool | None = None) -> Pipeline:
+             low_memory: bool = False, mapped: bool | None = None, cache="auto") -> Pipeline:
         """Verify the bundle (manifest, hashes, backend versions, paths) and open its engines (``low_memory``:
-        open each when its stage runs; ``mapped``: map their weights, by default when ``low_memory``)."""
+        open each when its stage runs; ``mapped``: map their weights, by default when ``low_memory``; ``cache``:
+        step caching, `runtime.step_cache.request_mask`)."""
         _check_threads(threads)  # before hashing the bundle
+        check_cache_arg(cache, RuntimeInputError)
         return cls(load_bundle(bundle_dir, verify_hashes=verify_hashes), threads, low_memory, verify_hashes,
-                   mapped)
+                   mapped, cache)
 
     # hooks for calibration and benchmarks ---------------------------------------------------------------------
     def observe(self, stage: str, callback: Observer) -> AbstractContextManager[None]:
@@ -141,32 +147,37 @@ class Pipeline:
                  num_frames: int | None = None, num_inference_steps: int | None = None,
                  guidance_scale: float | None = None, true_cfg_scale: float = 1.0, seed: int = 0,
                  latents: np.ndarray | None = None, progress: bool = False,
-                 engines: Mapping[str, object] | None = None) -> GenerationOutput:
+                 engines: Mapping[str, object] | None = None, cache=None) -> GenerationOutput:
         """Generate (diffusers-style arguments). Shapes outside the bundle's ranges are a clear error.
         ``engines``: stage -> an engine to use instead of the bundle's for this request only (calibration runs a
-        quantized candidate this way)."""
+        quantized candidate this way). ``cache``: this request's step caching ("off", "auto" or a threshold;
+        None: the Pipeline's); the output counts the steps computed and cached."""
         start = time.perf_counter()
         req = self._request(prompt, negative_prompt, task, image, video, reference_images, height, width,
                             num_frames, num_inference_steps, guidance_scale, true_cfg_scale, seed, latents)
+        mask = request_mask(self.manifest, req.num_inference_steps, self.cache if cache is None else cache,
+                            RuntimeInputError)
         run = self.request_engines(engines)
         try:
-            out = self._generate(req, run, progress)
+            out = self._generate(req, run, progress, mask)
         finally:
             run.close()
         out.timings = {**run.timings, "total": time.perf_counter() - start}
         out.calls = dict(run.calls)
+        out.steps_computed = sum(mask) if mask else req.num_inference_steps
+        out.steps_cached = req.num_inference_steps - out.steps_computed
         return out
 
-    def _generate(self, req: Request, run: RequestEngines, progress: bool) -> GenerationOutput:
+    def _generate(self, req: Request, run: RequestEngines, progress: bool, mask=None) -> GenerationOutput:
         ctx = RequestContext(self.manifest, run)
         images, video = self.backbone.planner_vision(req)
         rows = 2 if self.backbone.use_cfg(req) else 1
         planned = self.planner.plan(run, req, rows, images, video)
         run.release("vision_encoder", "planner")
         prepared = self.backbone.prepare(ctx, req, planned)
-        run.release(*(s for s in run if s != "denoise"))
-        latents = self.denoise(prepared.feeds, prepared.sample, prepared.schedule, progress, engines=run)
-        run.release("denoise")
+        run.release(*(s for s in run if s not in ("denoise", CACHED_STAGE)))
+        latents = self.denoise(prepared.feeds, prepared.sample, prepared.schedule, progress, engines=run, mask=mask)
+        run.release("denoise", CACHED_STAGE)
         frames, latents = self.backbone.finish(ctx, req, latents, prepared.state)
         negative = planned.prompt_embeds[:1] if planned.rows == 2 else None
         return GenerationOutput(frames=frames, latents=latents, prompt_embeds=planned.prompt_embeds[-1:],
@@ -224,12 +235,13 @@ class Pipeline:
 
     # the step loop --------------------------------------------------------------------------------------------
     def denoise(self, feeds: Mapping[str, np.ndarray], sample: np.ndarray, schedule: SchedulePlan,
-                progress: bool = False, engines: RequestEngines | None = None) -> np.ndarray:
+                progress: bool = False, engines: RequestEngines | None = None, mask=None) -> np.ndarray:
         """The step loop: one engine call per step; the sample and the multistep state go straight back in.
-        ``engines``: the request's (a fresh view of the Pipeline's when None)."""
+        ``engines``: the request's (a fresh view of the Pipeline's when None). ``mask``: step caching's per-step
+        FULL (True) / CACHED (False) choice (`runtime.step_cache`); None computes every step."""
         run = engines if engines is not None else self.request_engines()
         try:
-            sample = self._step_loop(run, feeds, sample, schedule, progress)
+            sample = self._step_loop(run, feeds, sample, schedule, progress, mask)
         finally:
             if engines is None:
                 run.close()
@@ -238,7 +250,8 @@ class Pipeline:
                                     "(guidance scale, latents) or rebuild the bundle")
         return sample
 
-    def _step_loop(self, run: RequestEngines, feeds, sample, schedule: SchedulePlan, progress: bool) -> np.ndarray:
+    def _step_loop(self, run: RequestEngines, feeds, sample, schedule: SchedulePlan, progress: bool,
+                   mask=None) -> np.ndarray:
         state = {"sample": sample}
         if schedule.history:
             state["last_sample"] = np.zeros_like(sample)
@@ -247,11 +260,13 @@ class Pipeline:
         engine = run.engine("denoise")
         entry = getattr(engine, "entry", None)
         on_gpu = entry is not None and (entry.backend == "tensorrt" or is_cuda_entry(entry))
+        names = {"next_sample": "sample"}
+        if schedule.history:
+            names.update(next_last_sample="last_sample", next_history="history")
+        if mask is not None:  # step caching: FULL and CACHED steps per the mask (runtime.cached_steps)
+            return cached_loop(run, feeds, state, per_step, mask, names, on_gpu, _progress(per_step, progress))
         if hasattr(engine, "run_steps") and on_gpu and not run.observed("denoise"):
             # the loop on the GPU (TensorRT, or ONNX Runtime's CUDA provider), one CUDA-graph launch per step
-            names = {"next_sample": "sample"}
-            if schedule.history:
-                names.update(next_last_sample="last_sample", next_history="history")
             out = run.run_steps("denoise", {**feeds, **state}, names, per_step)
             return out["next_sample"]
         for step in _progress(per_step, progress):

@@ -39,6 +39,10 @@ class GenerationOutput:
     negative_prompt_embeds: np.ndarray | None
     timings: dict[str, float] = field(default_factory=dict)  # seconds inside each stage's engine, plus "total"
     calls: dict[str, int] = field(default_factory=dict)  # engine calls per stage (denoise: one per step)
+    # step caching (`runtime.step_cache`): steps that ran the transformer blocks (FULL) and steps that reused
+    # their residual (CACHED); steps_cached is 0 for a bundle without step caching or with cache="off"
+    steps_computed: int = 0
+    steps_cached: int = 0
 
 
 @dataclass(frozen=True)
