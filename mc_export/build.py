@@ -179,14 +179,14 @@ class BuildConfig:
         if self.cache != "auto":
             check_threshold(self.cache, ConfigError, "--cache")
         check_real("--cache-budget", self.cache_budget_db, 1.0, 100.0, ConfigError)
-        fixes = {self.precision not in ("fp32",): f"--precision {self.precision} (only fp32 steps are cached yet)",
-                 self.export_only: "--export-only (an export carries no step-cache schedule yet)",
-                 self.target == "tensorrt": "--target tensorrt (its engines drop the inputs a CACHED step does not "
-                                            "read: not yet; build for onnxruntime)",
-                 not self.verify: "--no-verify (the schedule is chosen by measuring accuracy)"}
-        if True in fixes:
-            raise ConfigError(f"--cache {self.cache} cannot be combined with {fixes[True]}")
-
+        refused = [(self.precision != "fp32", f"--precision {self.precision} (only fp32 steps are cached yet)"),
+                   (self.export_only, "--export-only (an export carries no step-cache schedule yet)"),
+                   (self.target == "tensorrt", "--target tensorrt (its engines drop the inputs a CACHED step does not "
+                                               "read: not yet; build for onnxruntime)"),
+                   (not self.verify, "--no-verify (the schedule is chosen by measuring accuracy)")]
+        for bad, option in refused:
+            if bad:
+                raise ConfigError(f"--cache {self.cache} cannot be combined with {option}")
 
     def _check_numbers(self) -> None:
         """Steps, seed and range overrides: integers inside the global bounds (`runtime.limits`); zero is never

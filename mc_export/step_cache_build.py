@@ -114,7 +114,10 @@ def pick_schedule(pipe, curve, steps: int, threshold: float | None, budget_db: f
             raise BuildError(f"--cache {threshold}: the mask {_text(mask)} reaches {worst:.1f} dB on held-out "
                              f"prompts, below the {budget_db:g} dB budget; give a smaller threshold, --cache auto, "
                              "or a lower --cache-budget")
-    raise BuildError("no step-cache schedule tried")  # unreachable: the grid holds an all-FULL mask
+    least = tried[-1] if tried else {"mask": "-", "psnr_db": "-"}
+    raise BuildError(f"no step-cache schedule reaches the {budget_db:g} dB budget on held-out prompts: the least "
+                     f"aggressive, {least['mask']}, reaches {least['psnr_db']} dB; lower --cache-budget or build "
+                     "without --cache")
 
 
 def compile_schedule(pipe, steps: int, threshold: float | None, budget_db: float, log,

@@ -2,11 +2,10 @@
 per the mask, the residual FULL writes handed to the CACHED steps after it.
 
 On the host each step is one engine call, as in the plain loop; the residual is the array FULL returned, passed as
-it is (no copy). On a GPU the loop is the engine's: `OrtCudaEngine.run_masked_steps` (ONNX Runtime's CUDA provider:
-the residual is one preallocated device buffer, FULL's output binding and CACHED's input binding) and
-`runtime.trt_masked.run_masked_steps` (TensorRT: each step kind one captured CUDA graph, replayed per the mask, the
-host waiting once at the end). An all-FULL mask never reaches this module (`request_mask` returns None): the plain
-loop runs, bit for bit today's.
+it is (no copy). On a GPU the loop runs in device memory (`runtime.masked_loops`): ONNX Runtime's CUDA provider with
+the residual one preallocated buffer, FULL's output binding and CACHED's input binding; TensorRT with each step kind
+one captured CUDA graph, replayed per the mask, the host waiting once at the end. An all-FULL mask never reaches
+this module (`request_mask` returns None): the plain loop runs, bit for bit today's.
 """
 
 from __future__ import annotations
@@ -37,8 +36,8 @@ def cached_loop(run, feeds: Mapping[str, np.ndarray], state: dict, per_step: Seq
             raise BundleError(f"step caching needs the {stage!r} stage, which this bundle lacks; rebuild with "
                               "`python -m mc_export build ... --cache auto` or run with cache='off'")
     full = run.engine(FULL_STAGE)
-    if on_gpu and hasattr(full, "run_masked_steps") and not (run.observed(FULL_STAGE) or run.observed(CACHED_STAGE)):
-        out = run.run_masked_steps({**feeds, **state}, names, per_step, mask)
+    if on_gpu and hasattr(full, "run_steps") and not (run.observed(FULL_STAGE) or run.observed(CACHED_STAGE)):
+        out = run.run_masked_steps(FULL_STAGE, CACHED_STAGE, {**feeds, **state}, names, per_step, mask)
         return out["next_sample"]
     residual = None
     for i, step in enumerate(steps):

@@ -117,6 +117,20 @@ class RequestEngines(Mapping):
         self._record(stage, time.perf_counter() - start, len(per_step))
         return out
 
+    def run_masked_steps(self, full: str, cached: str, feeds, state_names, per_step, mask) -> dict[str, np.ndarray]:
+        """Step caching's device loop over stages ``full`` and ``cached`` (`runtime.masked_loops`): the whole
+        loop's seconds go to ``full`` (one figure: the device is not synchronised per step), each stage is
+        credited with the steps it ran."""
+        from metacanvas_deploy.runtime.masked_loops import masked_steps
+
+        engines = self._held(full), self._held(cached)
+        start = time.perf_counter()
+        out = masked_steps(*engines, feeds, state_names, per_step, mask)
+        n_full = sum(bool(m) for m in mask)
+        self._record(full, time.perf_counter() - start, n_full)
+        self._record(cached, 0.0, len(mask) - n_full)
+        return out
+
     def release(self, *stages: str) -> None:
         """Low-memory mode: this request is done with ``stages``; each engine is freed once no other request
         holds it (`OnDemandEngine.release`). Stages this request never held are left alone."""

@@ -233,8 +233,10 @@ class TrtEngine:
         _ok(self._cudart.cudaStreamSynchronize(self.stream))
         return out
 
-    def _execute(self) -> None:
-        if not self.context.execute_async_v3(int(self.stream)):
+    def _execute(self, context=None) -> None:
+        """Enqueue ``context`` (default: this engine's; step caching's CACHED engine bound to these buffers,
+        `runtime.masked_loops`) on this engine's stream."""
+        if not (context or self.context).execute_async_v3(int(self.stream)):
             raise CudaError(f"TensorRT could not enqueue {self.path.name} (see its log above)")
 
     # running ---------------------------------------------------------------------------------------------------
@@ -320,18 +322,18 @@ class TrtEngine:
             raise ShapeError(f"stage `{self.entry.stage}`: a state output must have its input's shape: {wrong}")
         return [(ptrs[i], ptrs[o], _nbytes(shapes[o], self.entry.spec(o).dtype)) for o, i in state_names.items()]
 
-    def _step(self, copies: Sequence[tuple[int, int, int]]) -> None:
+    def _step(self, copies: Sequence[tuple[int, int, int]], context=None) -> None:
         """One engine call, then each state output copied onto the input it feeds (all enqueued, no wait)."""
-        self._execute()
+        self._execute(context)
         for dst, src, nbytes in copies:
             self._copy(dst, src, nbytes, "DeviceToDevice")
 
-    def _capture(self, copies: Sequence[tuple[int, int, int]]):
+    def _capture(self, copies: Sequence[tuple[int, int, int]], context=None):
         """`_step` captured as an instantiated CUDA graph, or None (with a warning) if it cannot be captured."""
         cudart = self._cudart
         _ok(cudart.cudaStreamBeginCapture(self.stream, cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal))
         try:
-            self._step(copies)
+            self._step(copies, context)
         except CudaError as e:
             problem = str(e)
         else:
