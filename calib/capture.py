@@ -125,3 +125,23 @@ def capture(pipe, stage: str, reqs: list[CalibRequest], steps: int,
         progress.update(1)
     progress.close()
     return sink
+
+
+def check_calibration_set(recipe, tasks: tuple[str, ...]) -> None:
+    """CalibrationDataError, before any work, when the recipe's calibration set cannot be what it asks for: fewer
+    calibration prompts than the bundle has tasks (requests cycle through the tasks: a task never captured would
+    run on ranges it never produced), more prompts than the shipped split holds for a task's kind (prompts would
+    repeat)."""
+    from metacanvas_deploy.calib.errors import CalibrationDataError
+
+    n = recipe.calibration_prompts
+    if n < len(tasks):
+        raise CalibrationDataError(f"recipe {recipe.name}: {n} calibration prompts for {len(tasks)} tasks "
+                                   f"({', '.join(tasks)}): every task needs at least one; set calibration_prompts "
+                                   f">= {len(tasks)}")
+    for kind in sorted({"edit" if t in EDIT_TASKS else "generation" for t in tasks}):
+        have = len(load_prompts(kind, "calibration"))
+        share = sum(1 for i in range(n) if (tasks[i % len(tasks)] in EDIT_TASKS) == (kind == "edit"))
+        if share > have:
+            raise CalibrationDataError(f"recipe {recipe.name}: {share} {kind} calibration prompts asked, the shipped "
+                                       f"calibration split has {have}; lower calibration_prompts")

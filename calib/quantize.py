@@ -38,6 +38,8 @@ from metacanvas_deploy.calib.graph import (
     smooth,
     weight_layers,
 )
+from metacanvas_deploy.calib.progress import Progress
+from metacanvas_deploy.calib.quiet import quiet_quantizer
 from metacanvas_deploy.calib.ranges import collect_ranges, method, save_ranges
 from metacanvas_deploy.calib.recipes import Recipe
 from metacanvas_deploy.calib.sensitivity import sensitivity
@@ -184,7 +186,7 @@ def prepare(raw: Path, out: Path, recipe: Recipe, feeds: Sequence[dict]) -> tupl
 
 
 def evaluate(pipe, stage: str, candidate, held_feeds: Sequence[dict], held_reqs, float_frames, steps: int,
-             threads: int | None) -> StageMetrics:
+             threads: int | None, log=None) -> StageMetrics:
     """Measure ``candidate`` (an ORT model path) against the bundle's ``stage`` engine: per call on the held-out
     feeds, then end to end with the candidate substituted for ``stage`` in each request (`Pipeline.__call__`'s
     ``engines=``; the pipeline itself is left as it was)."""
@@ -200,16 +202,24 @@ def evaluate(pipe, stage: str, candidate, held_feeds: Sequence[dict], held_reqs,
     if pipe.low_memory:  # one stage resident at a time: the requests below open what they use
         float_engine.release()
         quant.release()
-    values = [psnr(cap.run(pipe, req, steps, engines={stage: quant}).frames, ref)
-              for req, ref in zip(held_reqs, float_frames)]
+    progress = Progress(f"{stage}: evaluate (held-out requests)", len(held_reqs), log, unit_bytes=False)
+    values = []
+    for req, ref in zip(held_reqs, float_frames):
+        values.append(psnr(cap.run(pipe, req, steps, engines={stage: quant}).frames, ref))
+        progress.update(1)
+    progress.close()
     return StageMetrics(values, cos, rel)
 
 
 def quantize_stage(float_bundle: Path, raw: Path, recipe: Recipe, stage: str, workdir: Path,
-                   threads: int | None = None, log=print, low_memory: bool = False) -> QuantizedStage:
+                   threads: int | None = None, log=print, low_memory: bool = False, state_dir: Path | None = None,
+                   hook=None) -> QuantizedStage:
     """The whole recipe for one stage: capture, calibrate, quantize, gate, fall back. Raises AccuracyBudgetError with the
     measured numbers when the budget cannot be met with every layer moved back. ``low_memory``: the float
-    pipeline holds one stage's engine at a time (models larger than memory)."""
+    pipeline holds one stage's engine at a time (models larger than memory). A recipe with ``calibration_pass``
+    "block" calibrates block by block (`calib.blockwise`), resumable from ``state_dir`` (default: in ``workdir``);
+    ``hook``: `calib.blockwise.block_calibrate`'s."""
+    from metacanvas_deploy.calib import blockwise
     from metacanvas_deploy.runtime.pipeline import Pipeline
 
     workdir = Path(workdir)
@@ -226,10 +236,19 @@ def quantize_stage(float_bundle: Path, raw: Path, recipe: Recipe, stage: str, wo
     with phase("capture"):
         pipe = Pipeline.load(float_bundle, threads=threads, low_memory=low_memory)
         tasks = tuple(pipe.manifest.tasks)
+        cap.check_calibration_set(recipe, tasks)
         calib_reqs = cap.requests(tasks, recipe.calibration_prompts, (0,), "calibration")
         held_reqs = cap.requests(tasks, recipe.held_out_prompts, recipe.held_out_seeds, "held_out")
         log(f"  calibration: {len(calib_reqs)} requests x {recipe.calibration_steps} steps ({', '.join(tasks)})")
-        feeds = cap.capture(pipe, stage, calib_reqs, recipe.calibration_steps, workdir / f"{stage}.feeds")
+        state = None
+        if recipe.calibration_pass == "block":  # a foreign state is refused before any work
+            state = blockwise.open_state(state_dir or workdir / f"{stage}.calib",
+                                         blockwise.identity(recipe, raw, pipe.manifest.engines[stage].sha256))
+
+        def calls(folder: Path):
+            return cap.capture(pipe, stage, calib_reqs, recipe.calibration_steps, folder, log)
+
+        feeds = blockwise.captured_feeds(state, calls) if state else calls(workdir / f"{stage}.feeds")
         held_feeds = cap.capture(pipe, stage, held_reqs[:1], recipe.calibration_steps, workdir / f"{stage}.held")
         steps = recipe.evaluation_steps
         float_frames = [cap.run(pipe, req, steps).frames for req in held_reqs]
@@ -238,23 +257,33 @@ def quantize_stage(float_bundle: Path, raw: Path, recipe: Recipe, stage: str, wo
     ranges = workdir / f"{stage}.ranges.json"
     with phase("calibrate"):
         layers, candidates = prepare(raw, prepared, recipe, feeds)
-        calibrate(prepared, candidates, feeds, recipe, ranges, threads)
+        scores = None
+        if state is not None:  # the fallback's noise figures measured in the same pass
+            scores = blockwise.block_calibrate(prepared, candidates, feeds, recipe, ranges, state, threads, log=log,
+                                               measure_sensitivity=recipe.max_fallback_rounds > 0, hook=hook,
+                                               label=stage)
+        else:
+            calibrate(prepared, candidates, feeds, recipe, ranges, threads)
     log(f"  peak RSS: capture {peaks['capture'] / 1024:.1f} GiB, calibration {peaks['calibrate'] / 1024:.1f} GiB")
     fallback: list[str] = []
     rounds: list[dict] = []
-    scores = None
+    progress = Progress(f"{stage}: quantize and evaluate (rounds, at most)", recipe.max_fallback_rounds + 1, None,
+                        unit_bytes=False)
     for round_ in range(recipe.max_fallback_rounds + 1):
         nodes = [n for n in candidates if n not in fallback]
         (workdir / f"round{round_}").mkdir(exist_ok=True)  # cpu: the name the bundle gives it, data included
         qdq, cpu = workdir / f"round{round_}" / f"{stage}.qdq.onnx", workdir / f"round{round_}" / f"{stage}.onnx"
-        with phase("quantize"):
+        log(f"  quantizing {len(nodes)} layers (round {round_}), then evaluating on {len(held_reqs)} held-out requests")
+        with phase("quantize"), quiet_quantizer():
             quantize_model(prepared, qdq, recipe, nodes, ranges)
             optimize_for_ort(qdq, cpu)
         with phase("evaluate"):
-            metrics = evaluate(pipe, stage, cpu, held_feeds, held_reqs, float_frames, steps, threads)
+            metrics = evaluate(pipe, stage, cpu, held_feeds, held_reqs, float_frames, steps, threads, log)
         rounds.append({"quantized_layers": len(nodes), **metrics.to_json()})
+        progress.update(1)
         log(f"  round {round_}: {len(nodes)} layers in {recipe.format}: {metrics.shortfall(recipe)} (peak RSS: "
-            f"quantize {peaks['quantize'] / 1024:.1f} GiB, evaluate {peaks['evaluate'] / 1024:.1f} GiB)")
+            f"quantize {peaks['quantize'] / 1024:.1f} GiB, evaluate {peaks['evaluate'] / 1024:.1f} GiB)"
+            + ("" if metrics.passes(recipe) else f"; {progress.line()}"))
         if metrics.passes(recipe):
             return QuantizedStage(qdq, cpu, [layers[n] for n in nodes],
                                   sorted({w for w in layers.values() if recipe.keeps_float(w)}),

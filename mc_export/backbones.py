@@ -67,6 +67,12 @@ class Backbone:
 
         return getattr(diffusers, self.transformer_class), getattr(diffusers, self.vae_class)
 
+    def block_pattern(self) -> str:
+        """A regex matching one DiT block's module path in full (``transformer.blocks.3``), over every block list
+        in ``cache_layout``: INT8/FP8 calibration walks the stage graph block by block at these boundaries
+        (`calib.partition`)."""
+        return rf"transformer\.({'|'.join(self.cache_layout.blocks)})\.\d+"
+
     def keep_float_patterns(self, num_layers: int | None = None) -> tuple[str, ...]:
         """The recipe's keep-float regexes: the common layers, this backbone's, and the first and last
         ``keep_float_edge_blocks`` of a DiT ``num_layers`` deep (none when the depth is not given)."""
@@ -121,7 +127,8 @@ def recipe_for_backbone(name: str, precision: str, num_layers: int | None = None
     if precision in WEIGHT_ONLY:  # w8 / w4: the planner's LM and the DiT step, the VAE float
         return weight_only_recipe(backbone.name, precision, backbone.keep_float_patterns(num_layers),
                                   PLANNER_KEEP_FLOAT)
-    return default_recipe(backbone.name, precision, backbone.keep_float_patterns(num_layers), target)
+    return default_recipe(backbone.name, precision, backbone.keep_float_patterns(num_layers), target,
+                          block_pattern=backbone.block_pattern())
 
 
 def mixed_recipe_for_backbone(name: str, formats: Mapping[str, str], num_layers: int | None = None,

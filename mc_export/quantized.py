@@ -19,6 +19,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from metacanvas_deploy.calib.errors import RecipeError
 from metacanvas_deploy.calib.graph import external_data
 from metacanvas_deploy.calib.quantize import quantize_stage
 from metacanvas_deploy.calib.recipes import WEIGHT_ONLY, Recipe
@@ -36,6 +37,12 @@ def float_bundle_path(cfg) -> Path:
     """Where the float reference bundle is built (or found, by its cache key): ``--float-bundle`` (one float
     bundle can serve an int8 and an fp8 build) or ``<out>-fp32``."""
     return Path(cfg.float_bundle) if cfg.float_bundle else Path(cfg.out).with_name(Path(cfg.out).name + "-fp32")
+
+
+def calibration_state(cfg) -> Path:
+    """``<out>.calib``: the block-by-block calibration's state (`calib.blockwise`), kept across runs until the
+    bundle is written, so that an interrupted build resumes at its first unfinished block."""
+    return Path(cfg.out).with_name(Path(cfg.out).name + ".calib")
 
 
 def recipe_for(cfg, model) -> Recipe:
@@ -58,6 +65,7 @@ def build_quantized(cfg, model, recipe: Recipe, ranges, steps: int, weights_dige
         raise ConfigError(f"recipe {recipe.name} quantizes {missing}, which a {model.cfg.backbone} bundle lacks "
                           f"(its stages: {', '.join(components)})")
     check_stages(components, recipe)
+    check_calibration(components, recipe, tuple(model.cfg.tasks))
     float_cfg = dataclasses.replace(cfg, precision="fp32", recipe=None, float_bundle=None, out=float_bundle_path(cfg),
                                     stage_precision=())
     float_key = w.cache_key(float_cfg, model, ranges, steps, weights_digest)
@@ -97,6 +105,7 @@ def build_quantized(cfg, model, recipe: Recipe, ranges, steps: int, weights_dige
             return w.manifest(cfg, model, ranges, steps, key, engines, files, gates, quantization, records)
 
         write_bundle(cfg.out, populate)
+    shutil.rmtree(calibration_state(cfg), ignore_errors=True)  # built: nothing left to resume
     return Path(cfg.out)
 
 
@@ -120,6 +129,27 @@ def check_stages(components, recipe: Recipe) -> None:
         plan_layers(recipe, stage, shapes)
 
 
+def check_calibration(components, recipe: Recipe, tasks: tuple[str, ...]) -> None:
+    """Before any export: each calibrated (int8/fp8) stage's calibration set fits the recipe
+    (`calib.capture.check_calibration_set`), and a block pass's ``block_pattern`` names blocks the stage's module
+    has (module paths are the ONNX graph's name scopes: `calib.partition`)."""
+    import re
+
+    from metacanvas_deploy.calib.capture import check_calibration_set
+
+    for stage in recipe.stages:
+        if recipe.format_of(stage) in WEIGHT_ONLY:
+            continue
+        check_calibration_set(recipe, tasks)
+        if recipe.calibration_pass == "block":
+            blocks = [n for n, _ in components[stage].module().named_modules()
+                      if re.fullmatch(recipe.block_pattern, n)]
+            if not blocks:
+                raise RecipeError(f"recipe {recipe.name}: block_pattern {recipe.block_pattern!r} names no block of "
+                                  f"the {stage} stage; fix the recipe's block_pattern (e.g. the one `mc_export "
+                                  "recipe` prints) or set calibration_pass 'whole'")
+
+
 def _quantize(float_bundle: Path, raw: Path, recipe: Recipe, stage: str, scratch: Path, cfg, model, log):
     """One stage to its recipe format: weight-only (w8/w4: MatMulNBits for ONNX Runtime, blocked
     DequantizeLinear for TensorRT) or calibrated int8/fp8 (the recipe narrowed to that stage's format)."""
@@ -130,7 +160,8 @@ def _quantize(float_bundle: Path, raw: Path, recipe: Recipe, stage: str, scratch
         return quantize_weight_only_stage(float_bundle, raw, recipe, stage, scratch, log=log, low_memory=low_memory,
                                           form=form)
     narrowed = dataclasses.replace(recipe, format=fmt, stage_formats=()) if recipe.stage_formats else recipe
-    return quantize_stage(float_bundle, raw, narrowed, stage, scratch, log=log, low_memory=low_memory)
+    return quantize_stage(float_bundle, raw, narrowed, stage, scratch, log=log, low_memory=low_memory,
+                          state_dir=calibration_state(cfg) / stage)
 
 
 def _raw_export(comp, scratch: Path, model, target: str) -> Path:
