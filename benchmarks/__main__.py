@@ -4,6 +4,7 @@
     compare --backbone B [--preset small|tiny | --checkpoint DIR] [--bundle DIR] [--int8-bundle DIR] [--out JSON]
     sweep   (--bundle DIR | --backbone B [--preset P | --checkpoint DIR]) [--points N] [--out JSON] [--plot PNG]
     report  A.json [B.json]
+    step-cache (--backbone B [--preset small] | --bundle DIR | --published) [--steps N --runs R] [--out JSON]
 
 A thin CLI: it parses, builds a frozen config, calls one function, prints the Markdown report and writes the
 JSON. Exit codes: 0 done, 1 a check failed (the planner did not run exactly once per request), 2 the benchmark
@@ -61,6 +62,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--task", help="default: the bundle's first task")
     p.add_argument("--plot", type=Path, help="PNG path (default: --out with .png, else sweep.png)")
     _common(p, runs=5, warmup=1)
+    p = sub.add_parser("step-cache", help="step caching: DiT and end-to-end time cached vs uncached, with PSNR; "
+                                          "the published MagCache curves' masks")
+    p.add_argument("--backbone", choices=BACKBONES)
+    p.add_argument("--preset", choices=["tiny", "small"], help="default: small")
+    p.add_argument("--bundle", type=Path, help="a bundle built with --cache (default: built into the cache)")
+    p.add_argument("--steps", type=int, default=8, help="denoising steps per request (default 8)")
+    p.add_argument("--runs", type=int, default=2, help="held-out requests, each uncached and cached (default 2)")
+    p.add_argument("--budget", type=float, default=30.0, help="the build's PSNR budget in dB (default 30)")
+    p.add_argument("--published", action="store_true", help="only the published curves' masks (no model)")
+    p.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads (default 2)")
+    p.add_argument("--cache", type=Path, help="where benchmark bundles go")
+    p.add_argument("--out", type=Path, help="write the result JSON here")
     p = sub.add_parser("report", help="Markdown from one result JSON, or B compared with A")
     p.add_argument("results", type=Path, nargs="+", metavar="RESULT.json")
     return parser
@@ -108,6 +121,14 @@ def _plot(args, result: dict) -> None:
         raise BenchmarkError(f"the sweep plot needs matplotlib ({e}): pip install 'metacanvas-deploy[bench]'") from e
 
 
+def _step_cache(args) -> dict:
+    from benchmarks.step_cache import StepCacheConfig, run_step_cache
+
+    return run_step_cache(StepCacheConfig(backbone=args.backbone, preset=args.preset, bundle=args.bundle,
+                                          steps=args.steps, runs=args.runs, threads=args.threads,
+                                          budget_db=args.budget, published=args.published, **_cache(args)), log=_log)
+
+
 def _log(*parts) -> None:
     print(*parts, file=sys.stderr, flush=True)
 
@@ -137,8 +158,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "report":
             print(_report(args), end="")
             return 0
-        result = {"latency": _latency, "compare": _compare, "sweep": _sweep}[args.command](args)
+        result = {"latency": _latency, "compare": _compare, "sweep": _sweep,
+                  "step-cache": _step_cache}[args.command](args)
         _write(result, args.out)
+        if args.command == "step-cache":
+            from benchmarks.step_cache import render_step_cache
+
+            print(render_step_cache(result), end="")
+            return 0
         if args.command == "sweep":
             _plot(args, result)
     except (BenchmarkError, MetaCanvasRuntimeError, MetaCanvasError) as e:
