@@ -32,14 +32,15 @@ def external_data(path: Path) -> Path | None:
     return data if data.exists() else None
 
 
-def optimize_for_ort(src: Path, dst: Path) -> None:
+def optimize_for_ort(src: Path, dst: Path, providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> None:
     """ONNX Runtime's offline graph optimisation (constant folding, fusions) saved to ``dst``; with external data,
     its weights go to ``<dst>.data``, each tensor aligned for memory mapping (`calib.external_data.realign`).
 
     EXTENDED, not ALL: ALL adds layout transforms for the building machine's CPU, which ORT applies again at
     load time anyway; an EXTENDED file stays valid on any CPU running the same ORT minor release. Prepacking and
     the arena are off: neither changes the saved graph, and prepacking would copy every weight into private
-    memory for a session that is only built to be saved.
+    memory for a session that is only built to be saved. ``providers``: the execution providers the file is
+    optimised for (fusions are assigned per provider; `mc_export.ort_gpu` passes the CUDA provider's).
     """
     import onnxruntime as ort
 
@@ -53,7 +54,7 @@ def optimize_for_ort(src: Path, dst: Path) -> None:
         so.add_session_config_entry("session.optimized_model_external_initializers_file_name", dst.name + ".data")
         so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
                                     str(MIN_EXTERNAL_BYTES))
-    ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
+    ort.InferenceSession(str(src), so, providers=list(providers))
     if external:
         realign(dst)
 

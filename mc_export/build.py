@@ -25,10 +25,10 @@ STAGE_PRECISIONS = ("fp32", "int8", "fp8", "w8", "w4")  # what --stage-precision
 TARGETS = ("auto", "onnxruntime", "onnxruntime-gpu", "tensorrt")
 # What each target can build today; asking for anything else is a clear error that names what can. fp8 on
 # ONNX Runtime runs emulated (slower than fp32): it measures FP8 accuracy on a CPU; TensorRT runs it for real.
-# onnxruntime-gpu (ONNX Runtime's CUDA execution provider, runtime.ort_cuda) is fp32 only: its fp16 needs a
-# mixed-precision graph and a gate on the GPU, neither written yet (TensorRT builds fp16/bf16).
+# onnxruntime-gpu (ONNX Runtime's CUDA execution provider, runtime.ort_cuda): fp32 and a mixed fp16 graph
+# (mc_export.ort_gpu); not bf16 (the CUDA provider lacks bf16 kernels for ops the graphs use; TensorRT builds it).
 # w8/w4: ONNX Runtime's MatMulNBits on CPUs; TensorRT's weight-only path (blocked DequantizeLinear, symmetric).
-SUPPORTED = {"onnxruntime": ("fp32", "int8", "fp8", "w8", "w4"), "onnxruntime-gpu": ("fp32",),
+SUPPORTED = {"onnxruntime": ("fp32", "int8", "fp8", "w8", "w4"), "onnxruntime-gpu": ("fp32", "fp16"),
              "tensorrt": ("fp32", "fp16", "bf16", "int8", "fp8", "w8", "w4")}
 
 
@@ -53,6 +53,8 @@ class BuildConfig:
     lazy_weights: str = "auto"
     recipe: object = None  # calib.recipes.Recipe for int8/fp8; None: the backbone's default recipe
     float_bundle: Path | None = None  # int8/fp8: where the fp32 reference bundle lives (default <out>-fp32)
+    # onnxruntime-gpu: ONNX Runtime's execution provider, "cuda" or "tensorrt" (runtime.ort_cuda)
+    ort_provider: str = "cuda"
     # TensorRT without a GPU: write a TensorRT export (graphs, profiles, references) that the GPU machine turns
     # into a bundle with `python -m mc_export engines` (mc_export.tensorrt.export_only / target_build)
     export_only: bool = False
@@ -109,8 +111,13 @@ class BuildConfig:
             raise BuildError("--target tensorrt needs an NVIDIA GPU with TensorRT installed; none is usable here. "
                              "Build for this machine with --target onnxruntime (or auto)")
         self._check_target_precisions(target)
+        if self.ort_provider not in ("cuda", "tensorrt"):
+            raise ConfigError(f"--ort-provider must be cuda or tensorrt, got {self.ort_provider!r}")
+        if self.ort_provider != "cuda" and target != "onnxruntime-gpu":
+            raise ConfigError(f"--ort-provider {self.ort_provider} picks ONNX Runtime's execution provider on a GPU: "
+                              f"it needs --target onnxruntime-gpu (the target is {target})")
         if target == "onnxruntime-gpu" and not cuda_available:
-            _check_cuda_provider()
+            _check_cuda_provider(self.ort_provider)
         preset = self.preset if self.preset is not None or self.checkpoint is not None else "tiny"
         return dataclasses.replace(self, target=target, preset=preset)
 
@@ -151,7 +158,7 @@ class BuildConfig:
 
     def _check_supported(self, precision: str, target: str) -> None:
         if precision not in SUPPORTED[target]:
-            gpu_hint = "; for fp16/bf16/int8/fp8 on a GPU use --target tensorrt" if target == "onnxruntime-gpu" else ""
+            gpu_hint = "; for bf16/int8/fp8 on a GPU use --target tensorrt" if target == "onnxruntime-gpu" else ""
             raise BuildError(f"--precision {precision} cannot be built for {target} yet; this machine can "
                              f"build: {', '.join(SUPPORTED[target])} ({target}){gpu_hint}")
 
@@ -200,17 +207,21 @@ class BuildConfig:
                 check_int(f"--{name.replace('_', '-')}", value, 1, limits.get(name, MAX_SIDE), ConfigError)
 
 
-def _check_cuda_provider() -> None:
-    """--target onnxruntime-gpu: BuildError before any work unless onnxruntime-gpu sees an NVIDIA GPU here."""
+def _check_cuda_provider(ort_provider: str = "cuda") -> None:
+    """--target onnxruntime-gpu: BuildError before any work unless onnxruntime-gpu (with ``ort_provider``) sees an
+    NVIDIA GPU here."""
     import onnxruntime as ort
 
     from metacanvas_deploy.runtime.errors import BundleError
-    from metacanvas_deploy.runtime.ort_cuda import CUDA_PROVIDER, INSTALL, cuda_identity
+    from metacanvas_deploy.runtime.ort_cuda import CUDA_PROVIDER, GPU_PROVIDERS, INSTALL, INSTALL_TRT, cuda_identity
 
     if CUDA_PROVIDER not in ort.get_available_providers():
         raise BuildError(f"--target onnxruntime-gpu needs onnxruntime-gpu; the installed onnxruntime {ort.__version__} "
                          f"offers {', '.join(ort.get_available_providers())}. On a machine with an NVIDIA GPU: "
                          f"{INSTALL}. Build for this machine with --target onnxruntime (or auto)")
+    if GPU_PROVIDERS[ort_provider] not in ort.get_available_providers():
+        raise BuildError(f"--ort-provider {ort_provider} needs ONNX Runtime's {GPU_PROVIDERS[ort_provider]}, which the "
+                         f"installed onnxruntime-gpu {ort.__version__} does not offer: {INSTALL_TRT}")
     try:
         cuda_identity()
     except BundleError as e:

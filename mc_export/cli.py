@@ -139,6 +139,9 @@ def _add_build(sub) -> None:
     p.add_argument("--recipe", help="int8/fp8: a recipe JSON file (`python -m mc_export recipe` prints the default)")
     p.add_argument("--float-bundle", help="int8/fp8: the fp32 reference bundle to calibrate against, built there "
                                            "if missing or stale (default: <out>-fp32)")
+    p.add_argument("--ort-provider", default="cuda", choices=["cuda", "tensorrt"],
+                   help="with --target onnxruntime-gpu: ONNX Runtime's CUDA execution provider, or its TensorRT "
+                        "provider (engines built at first run, cached per GPU model)")
     p.add_argument("--export-only", action="store_true",
                    help="with --target tensorrt: no GPU needed here; write a TensorRT export (graphs, profiles, "
                         "references) that `engines` turns into a bundle on the GPU machine")
@@ -179,7 +182,7 @@ def _cmd_build(args) -> None:
                       target=args.target, range_overrides=overrides, steps=args.steps, seed=args.seed,
                       verify=not args.no_verify, lazy_weights=args.lazy_weights,
                       recipe=recipe, float_bundle=Path(args.float_bundle) if args.float_bundle else None,
-                      export_only=args.export_only, stage_precision=args.stage_precision or (),
+                      export_only=args.export_only, ort_provider=args.ort_provider, stage_precision=args.stage_precision or (),
                       cache=args.cache, cache_budget_db=args.cache_budget)
     resolved = cfg.validate()
     if resolved.target != args.target:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import tempfile
 import time
@@ -140,15 +141,19 @@ def _write_stage(comp: Component, raw: Path, bundle_dir: Path, cfg, log, weights
         final, entry = tensorrt_engine(comp, raw, bundle_dir, cfg, log)
     else:
         final = bundle_dir / f"{stage}.onnx"
-        _place(raw, final, weights, comp)
+        if cfg.target == "onnxruntime-gpu":
+            from metacanvas_deploy.mc_export.ort_gpu import prepare
+
+            prepare(raw, final, cfg.precision, raw.parent)
+        else:
+            _place(raw, final, weights, comp)
         entry = comp.spec.engine_entry(final.name, "onnxruntime", ort.__version__, cfg.precision,
                                        external_data=_external(bundle_dir, stage))
     exported = time.perf_counter()
     gate = "not run (--no-verify)"
     if cfg.verify:
         log(f"  {stage}: exported in {exported - started:.0f} s; gating against PyTorch")
-        rows, skipped = gate_stage(comp, final if cfg.target != "tensorrt" else _trt_runner(final, entry),
-                                   weights, _tolerance(cfg), log)
+        rows, skipped = gate_stage(comp, _gate_engine(final, entry, cfg), weights, _tolerance(cfg), log)
         gate = f"not gated: {skipped}" if skipped else "passed"
         if rows:
             worst = max(rows, key=lambda r: r.max_rel)
@@ -166,9 +171,26 @@ def _external(bundle_dir: Path, stage: str) -> tuple[str, ...]:
 
 
 def _tolerance(cfg):
+    """Reduced-precision engines (TensorRT, ONNX Runtime's CUDA provider in fp16) are held to their rounding."""
     from metacanvas_deploy.mc_export.tensorrt.precision import GATE_TOLERANCE
 
-    return GATE_TOLERANCE.get(cfg.precision) if cfg.target == "tensorrt" else None
+    return GATE_TOLERANCE.get(cfg.precision) if cfg.target in ("tensorrt", "onnxruntime-gpu") else None
+
+
+def _gate_engine(final: Path, entry, cfg):
+    """What the gate runs: the ONNX file (CPU), the engine (TensorRT), the session on the GPU's execution
+    provider (ONNX Runtime's CUDA or TensorRT provider: the gate builds and caches TensorRT's engine)."""
+    if cfg.target == "tensorrt":
+        return _trt_runner(final, entry)
+    if cfg.target == "onnxruntime-gpu":
+        from metacanvas_deploy.mc_export.ort_gpu import cuda_runner
+        from metacanvas_deploy.mc_export.writer import gpu_identity
+        from metacanvas_deploy.runtime.bundle_verify import sha256_file
+
+        # the entry as the bundle will hold it: TensorRT's provider then caches its engine where a load finds it
+        digest = sha256_file(final)[0]
+        return cuda_runner(final, dataclasses.replace(entry, device=gpu_identity(cfg), sha256=digest))
+    return final
 
 
 def tensorrt_engine(comp: Component, raw: Path, bundle_dir: Path, cfg, log):

@@ -50,9 +50,9 @@ def gpu_identity(cfg) -> dict | None:
     """The GPU a TensorRT build is for (name, compute capability, TensorRT/CUDA versions); None for the CPU.
     Checks the precision against the GPU first: a clear error instead of a failure deep in the builder."""
     if cfg.target == "onnxruntime-gpu":
-        from metacanvas_deploy.runtime.ort_cuda import cuda_identity
+        from metacanvas_deploy.runtime.ort_cuda import GPU_PROVIDERS, cuda_identity
 
-        return cuda_identity()
+        return {**cuda_identity(), "provider": GPU_PROVIDERS[cfg.ort_provider]}
     if cfg.target != "tensorrt":
         return None
     from metacanvas_deploy.mc_export.tensorrt.precision import check_precision

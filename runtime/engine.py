@@ -45,7 +45,9 @@ def _open(path: Path, entry: EngineEntry, threads: int | None, mapped: bool = Fa
         from metacanvas_deploy.runtime.trt_engine import TrtEngine
 
         return TrtEngine(path, entry)
-    if (entry.device or {}).get("provider") == "CUDAExecutionProvider":  # --target onnxruntime-gpu
+    from metacanvas_deploy.runtime.ort_cuda import is_cuda_entry
+
+    if is_cuda_entry(entry):  # --target onnxruntime-gpu
         from metacanvas_deploy.runtime.ort_cuda import OrtCudaEngine
 
         return OrtCudaEngine(path, entry, threads, mapped)
@@ -94,10 +96,11 @@ class OnDemandEngine:
             from metacanvas_deploy.runtime.trt_engine import check_device, device_identity
 
             check_device(entry.device or {}, device_identity(), entry.precision)
-        elif (entry.device or {}).get("provider") == "CUDAExecutionProvider":
-            from metacanvas_deploy.runtime.ort_cuda import require_cuda_provider
+        else:
+            from metacanvas_deploy.runtime.ort_cuda import entry_provider, is_cuda_entry, require_cuda_provider
 
-            require_cuda_provider()
+            if is_cuda_entry(entry):
+                require_cuda_provider(provider=entry_provider(entry))
         self.path, self.entry, self.threads, self.mapped = Path(path), entry, threads, mapped
         self._expected = dict(expected or {})
         self._verify_hashes = verify_hashes

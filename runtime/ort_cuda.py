@@ -19,6 +19,13 @@ per-step values per step, the final outputs once. ONNX Runtime waits for the dev
 default; the in-place writes of the next step's values rely on it), so unlike the TensorRT loop there is one
 host wait per step, but no latents traffic.
 
+The TensorRT execution provider (a bundle built with ``--ort-provider tensorrt``: the entry's ``device`` names
+``TensorrtExecutionProvider``): ONNX Runtime hands the graph to TensorRT, which builds an engine at the first run
+and caches it, with its timing cache, in `engine_cache_dir` (keyed like this package's TensorRT engines: GPU
+model, compute capability and onnxruntime version, plus the engine file's sha256); nodes TensorRT does not take
+run on the CUDA provider. fp16 bundles enable TensorRT's fp16. The loop runs with IO binding but without ONNX
+Runtime's CUDA-graph capture (that is the CUDA provider's).
+
 API used (onnxruntime 1.32 Python API): InferenceSession(providers=[(name, options)]), get_providers, io_binding,
 IOBinding.bind_ortvalue_input/bind_ortvalue_output, run_with_iobinding(binding, RunOptions),
 RunOptions.add_run_config_entry("gpu_graph_id", ...), OrtValue.ortvalue_from_shape_and_type / update_inplace /
@@ -44,20 +51,29 @@ from metacanvas_deploy.runtime.ort_engine import OrtEngine
 from metacanvas_deploy.runtime.trt_engine import check_step_arguments
 
 CUDA_PROVIDER = "CUDAExecutionProvider"
+TRT_PROVIDER = "TensorrtExecutionProvider"
+GPU_PROVIDERS = {"cuda": CUDA_PROVIDER, "tensorrt": TRT_PROVIDER}  # build's --ort-provider -> ONNX Runtime's name
 INSTALL = ("pip uninstall -y onnxruntime && pip install onnxruntime-gpu==1.32.0 (the `gpu-ort` extra's pin; it "
            "replaces onnxruntime: the two packages cannot be installed together)")
 REBUILD_CPU = "python -m mc_export build ... --target onnxruntime"
+INSTALL_TRT = ("onnxruntime-gpu finds TensorRT's libraries (pip install tensorrt-cu12==10.16.1.11, the `gpu` extra's "
+               "pin, on the library path), or rebuild with --ort-provider cuda")
 _KEEP_SIGNATURES = 4  # shape signatures whose device buffers (and captured graphs) are kept
 
 
 def is_cuda_entry(entry: EngineEntry | None) -> bool:
     """Whether a manifest entry is an ONNX Runtime engine built for the CUDA execution provider."""
     return (entry is not None and entry.backend == "onnxruntime"
-            and (entry.device or {}).get("provider") == CUDA_PROVIDER)
+            and (entry.device or {}).get("provider") in GPU_PROVIDERS.values())
 
 
-def require_cuda_provider(ort=None) -> None:
-    """BundleError naming the fix unless this onnxruntime has the CUDA execution provider."""
+def entry_provider(entry: EngineEntry) -> str:
+    """The execution provider a CUDA bundle's entry was built and gated with (CUDA's or TensorRT's)."""
+    return (entry.device or {}).get("provider", CUDA_PROVIDER)
+
+
+def require_cuda_provider(ort=None, provider: str = CUDA_PROVIDER) -> None:
+    """BundleError naming the fix unless this onnxruntime has the CUDA execution provider (and ``provider``)."""
     if ort is None:
         import onnxruntime as ort
     available = ort.get_available_providers()
@@ -65,6 +81,23 @@ def require_cuda_provider(ort=None) -> None:
         raise BundleError(f"this bundle runs on ONNX Runtime's {CUDA_PROVIDER} (built with --target onnxruntime-gpu); "
                           f"the installed onnxruntime {ort.__version__} offers {', '.join(available)}. On a machine "
                           f"with an NVIDIA GPU: {INSTALL}; for a CPU, rebuild with `{REBUILD_CPU}`")
+    if provider not in available:
+        raise BundleError(f"this bundle runs on ONNX Runtime's {provider} (built with --ort-provider tensorrt); the "
+                          f"installed onnxruntime {ort.__version__} offers {', '.join(available)}: {INSTALL_TRT}")
+
+
+def engine_cache_dir(entry: EngineEntry, root: Path | None = None) -> Path:
+    """Where the TensorRT execution provider caches the engine (and timing cache) it builds for ``entry`` on this
+    kind of GPU: ``<root>/<gpu>-sm<cc>-ort<version>/<sha256 of the ONNX file, 16 hex>``, root
+    ``~/.cache/metacanvas/ort-tensorrt``. An engine fits one GPU model and TensorRT build, so the GPU identity
+    recorded at build (checked against this machine at load) names the folder, and the file's hash the stage."""
+    import re
+
+    device = entry.device or {}
+    root = Path(root) if root is not None else Path.home() / ".cache" / "metacanvas" / "ort-tensorrt"
+    gpu = re.sub(r"[^a-z0-9]+", "-", str(device.get("gpu", "unknown")).lower()).strip("-")
+    kind = f"{gpu}-sm{device.get('compute_capability', 'unknown')}-ort{device.get('onnxruntime', 'unknown')}"
+    return root / kind / (entry.sha256[:16] or Path(entry.file).stem)
 
 
 def cuda_identity(device_id: int = 0) -> dict:
@@ -101,11 +134,24 @@ def cuda_usable() -> bool:
     return True
 
 
-def _providers(device: str, device_id: int, cuda_graph: bool) -> list:
+def _providers(device: str, device_id: int, cuda_graph: bool, trt_cache: Path | None = None,
+               fp16: bool = False) -> list:
+    """The session's providers: the CUDA provider (with ``enable_cuda_graph`` for the graph session), after
+    TensorRT's when ``trt_cache`` is given (its engine and timing caches go there), then the CPU's. TF32 is off
+    for fp32 bundles (the CUDA provider's default is on: ~1e-3 relative error, over the fp32 gate's 1e-4; our
+    TensorRT fp32 engines turn it off too)."""
     if device == "cpu":
         return ["CPUExecutionProvider"]
-    options = {"device_id": str(device_id), **({"enable_cuda_graph": "1"} if cuda_graph else {})}
-    return [(CUDA_PROVIDER, options)] + ([] if cuda_graph else ["CPUExecutionProvider"])
+    options = {"device_id": str(device_id), **({"enable_cuda_graph": "1"} if cuda_graph else {}),
+               **({} if fp16 else {"use_tf32": "0"})}
+    providers = [(CUDA_PROVIDER, options)] + ([] if cuda_graph else ["CPUExecutionProvider"])
+    if trt_cache is not None:
+        cache = str(trt_cache)
+        providers.insert(0, (TRT_PROVIDER, {"device_id": str(device_id), "trt_engine_cache_enable": "True",
+                                            "trt_engine_cache_path": cache, "trt_timing_cache_enable": "True",
+                                            "trt_timing_cache_path": cache,
+                                            "trt_fp16_enable": "True" if fp16 else "False"}))
+    return providers
 
 
 class OrtCudaEngine(OrtEngine):
@@ -116,13 +162,20 @@ class OrtCudaEngine(OrtEngine):
     since their device buffers and graphs are one state."""
 
     def __init__(self, path: Path, entry: EngineEntry, threads: int | None = None, mapped: bool = False,
-                 device: str = "cuda", device_id: int = 0):
+                 device: str = "cuda", device_id: int = 0, provider: str | None = None,
+                 cache_root: Path | None = None):
         self.device, self.device_id = device, device_id
+        self.provider = provider or entry_provider(entry)
+        trt_cache = None
         if device == "cuda":
-            require_cuda_provider()
-        super().__init__(path, entry, threads, mapped, providers=_providers(device, device_id, False))
-        if device == "cuda" and CUDA_PROVIDER not in self.session.get_providers():
-            raise BundleError(f"{Path(path).name}: ONNX Runtime could not place the graph on {CUDA_PROVIDER} (it "
+            require_cuda_provider(provider=self.provider)
+            if self.provider == TRT_PROVIDER:
+                trt_cache = engine_cache_dir(entry, cache_root)
+                trt_cache.mkdir(parents=True, exist_ok=True)
+        super().__init__(path, entry, threads, mapped,
+                         providers=_providers(device, device_id, False, trt_cache, entry.precision == "fp16"))
+        if device == "cuda" and self.provider not in self.session.get_providers():
+            raise BundleError(f"{Path(path).name}: ONNX Runtime could not place the graph on {self.provider} (it "
                               f"fell back to {self.session.get_providers()}): no usable CUDA device or CUDA/cuDNN "
                               f"libraries. Check `nvidia-smi` and {INSTALL}, or rebuild with `{REBUILD_CPU}`")
         self._path, self._threads, self._mapped = Path(path), threads, mapped
@@ -185,6 +238,8 @@ class OrtCudaEngine(OrtEngine):
 
         from metacanvas_deploy.runtime.ort_engine import session_options
 
+        if self.provider == TRT_PROVIDER:  # the CUDA provider's capture; TensorRT's sessions loop without it
+            return None
         if self._graph_session is None and not self._graph_failed:
             try:
                 self._graph_session = ort.InferenceSession(str(self._path),

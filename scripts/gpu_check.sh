@@ -46,10 +46,20 @@ ORT_PIN=onnxruntime==1.32.0 ORT_GPU_PIN=onnxruntime-gpu==1.32.0
 trap '"$PY" -m pip uninstall -q -y onnxruntime-gpu; "$PY" -m pip install -q "$ORT_PIN"' EXIT
 "$PY" -m pip uninstall -q -y onnxruntime
 "$PY" -m pip install -q "$ORT_GPU_PIN"
-"$PY" -c "from runtime.ort_cuda import cuda_identity; print(cuda_identity())" | tee "$OUT/ort_cuda_device.txt"
+"$PY" -c "from metacanvas_deploy.runtime.ort_cuda import cuda_identity; print(cuda_identity())" | tee "$OUT/ort_cuda_device.txt"
 "$PY" -m pytest -p no:logging -m gpu -rs tests/test_ort_cuda.py 2>&1 | tee "$OUT/pytest_ort_gpu.log"
 "$PY" -m mc_export build --backbone sana --target onnxruntime-gpu --steps 3 --out "$OUT/sana-ort-gpu" 2>&1 \
   | tee -a "$OUT/build.log"
+"$PY" -m mc_export build --backbone sana --target onnxruntime-gpu --precision fp16 --steps 3 \
+  --out "$OUT/sana-ort-gpu-fp16" 2>&1 | tee -a "$OUT/build.log"
 "$PY" -m benchmarks latency --bundle "$OUT/sana-ort-gpu" --out "$OUT/latency_ort_gpu.json" 2>&1 | tee -a "$OUT/latency.log"
-"$PY" -m benchmarks report "$OUT/latency_ort.json" "$OUT/latency_ort_gpu.json" | tee "$OUT/latency_ort_gpu_vs_ort.md"
+"$PY" -m benchmarks latency --bundle "$OUT/sana-ort-gpu-fp16" --out "$OUT/latency_ort_gpu_fp16.json" 2>&1 \
+  | tee -a "$OUT/latency.log"
+"$PY" -m benchmarks report "$OUT/latency_ort.json" "$OUT/latency_ort_gpu.json" "$OUT/latency_ort_gpu_fp16.json" \
+  | tee "$OUT/latency_ort_gpu_vs_ort.md"
+# ONNX Runtime's TensorRT provider, where this onnxruntime-gpu finds TensorRT's libraries (else the build says so)
+if "$PY" -c "import onnxruntime as o, sys; sys.exit('TensorrtExecutionProvider' not in o.get_available_providers())"; then
+  "$PY" -m mc_export build --backbone sana --target onnxruntime-gpu --ort-provider tensorrt --steps 3 \
+    --out "$OUT/sana-ort-trt" 2>&1 | tee -a "$OUT/build.log"
+fi
 echo "gpu_check: all steps passed; logs in $OUT/"

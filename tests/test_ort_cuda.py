@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from metacanvas_deploy.mc_export.build import BuildConfig
-from metacanvas_deploy.mc_export.errors import BuildError
+from metacanvas_deploy.mc_export.errors import BuildError, ConfigError
 from metacanvas_deploy.runtime import ort_cuda
 from metacanvas_deploy.runtime.bundle import load_bundle
 from metacanvas_deploy.runtime.engine import OnDemandEngine, OrtEngine, load_engine
@@ -96,11 +96,11 @@ def test_build_for_onnxruntime_gpu_without_cuda_is_refused_before_any_work(tmp_p
     assert not (tmp_path / "b").exists()
 
 
-@pytest.mark.parametrize("precision", ["fp16", "bf16", "int8", "fp8"])
-def test_onnxruntime_gpu_is_fp32_only_and_says_what_works(tmp_path, precision):
+@pytest.mark.parametrize("precision", ["bf16", "int8", "fp8"])
+def test_onnxruntime_gpu_builds_fp32_and_fp16_and_says_what_works(tmp_path, precision):
     cfg = BuildConfig(out=tmp_path / "b", backbone="sana", target="onnxruntime-gpu", precision=precision)
     with pytest.raises(BuildError, match=rf"--precision {precision} cannot be built for onnxruntime-gpu yet.*"
-                                         r"fp32 \(onnxruntime-gpu\).*--target tensorrt"):
+                                         r"fp32, fp16 \(onnxruntime-gpu\).*--target tensorrt"):
         cfg.validate(cuda_available=True)
 
 
@@ -162,6 +162,126 @@ def test_loop_arguments_are_checked(bundles):
         engine.run_steps({}, {"next_sample": "sample"}, [])
     with pytest.raises(ShapeError, match="must map an output to a non-per-step input"):
         engine.run_steps({}, {"next_sample": "timestep"}, [{"timestep": np.zeros(1, np.float32)}])
+
+
+# --- the TensorRT execution provider --------------------------------------------------------------------------
+
+def test_tensorrt_provider_sessions_list_tensorrt_then_cuda_with_the_engine_cache(tmp_path):
+    cache = tmp_path / "c"
+    assert ort_cuda._providers("cuda", 1, False, cache, fp16=True) == [
+        (ort_cuda.TRT_PROVIDER, {"device_id": "1", "trt_engine_cache_enable": "True",
+                                 "trt_engine_cache_path": str(cache), "trt_timing_cache_enable": "True",
+                                 "trt_timing_cache_path": str(cache), "trt_fp16_enable": "True"}),
+        (CUDA_PROVIDER, {"device_id": "1"}), "CPUExecutionProvider"]
+    assert ort_cuda._providers("cuda", 0, True) == [(CUDA_PROVIDER, {"device_id": "0", "enable_cuda_graph": "1",
+                                                                      "use_tf32": "0"})]  # fp32: no TF32
+    assert ort_cuda._providers("cpu", 0, False, cache) == ["CPUExecutionProvider"]
+
+
+def test_engine_cache_is_keyed_by_gpu_model_onnxruntime_and_file(bundles, tmp_path):
+    entry = dataclasses.replace(load_bundle(bundles["sana"]).manifest.engines["denoise"],
+                                device={**IDENTITY, "provider": ort_cuda.TRT_PROVIDER})
+    here = ort_cuda.engine_cache_dir(entry, tmp_path)
+    assert here == tmp_path / "nvidia-h200-sm9.0-ort1.32.0" / entry.sha256[:16]
+    assert ort_cuda.engine_cache_dir(entry, tmp_path) == here  # the same engine, the same folder
+    other_gpu = dataclasses.replace(entry, device={**entry.device, "gpu": "NVIDIA L4", "compute_capability": "8.9"})
+    other_file = dataclasses.replace(entry, sha256="0" * 64)
+    assert len({here, ort_cuda.engine_cache_dir(other_gpu, tmp_path),
+                ort_cuda.engine_cache_dir(other_file, tmp_path)}) == 3
+    assert is_cuda_entry(entry) and ort_cuda.entry_provider(entry) == ort_cuda.TRT_PROVIDER
+
+
+def test_a_tensorrt_provider_bundle_without_the_provider_is_a_clear_error(bundles, monkeypatch):
+    import onnxruntime as ort
+
+    bundle = load_bundle(bundles["sana"])
+    entry = dataclasses.replace(bundle.manifest.engines["denoise"],
+                                device={**IDENTITY, "provider": ort_cuda.TRT_PROVIDER})
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [CUDA_PROVIDER, "CPUExecutionProvider"])
+    for load in (lambda: OrtCudaEngine(bundle.engine_path("denoise"), entry),
+                 lambda: load_engine(bundle.engine_path("denoise"), entry, on_demand=True)):
+        with pytest.raises(BundleError, match=r"TensorrtExecutionProvider \(built with --ort-provider tensorrt\).*"
+                                              r"tensorrt-cu12.*or rebuild with --ort-provider cuda"):
+            load()
+
+
+def test_ort_provider_is_checked_before_any_work(tmp_path, monkeypatch):
+    import onnxruntime as ort
+
+    with pytest.raises(ConfigError, match="--ort-provider tensorrt .* needs --target onnxruntime-gpu"):
+        BuildConfig(out=tmp_path / "b", backbone="sana", target="onnxruntime", ort_provider="tensorrt").validate()
+    with pytest.raises(ConfigError, match="--ort-provider must be cuda or tensorrt"):
+        BuildConfig(out=tmp_path / "b", backbone="sana", target="onnxruntime-gpu", ort_provider="rocm").validate(
+            cuda_available=True)
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [CUDA_PROVIDER, "CPUExecutionProvider"])
+    with pytest.raises(BuildError, match="--ort-provider tensorrt needs ONNX Runtime's TensorrtExecutionProvider"):
+        BuildConfig(out=tmp_path / "b", backbone="sana", target="onnxruntime-gpu", ort_provider="tensorrt").validate()
+    assert not (tmp_path / "b").exists()
+
+
+# --- fp16 graphs (mc_export.ort_gpu) ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module", params=["sana", "wan"])
+def fp16_stage(request, tmp_path_factory):
+    """A tiny backbone's denoise stage: its raw export, and the fp16 file the onnxruntime-gpu build makes of it
+    (optimised for the CPU provider here: the CUDA provider's fusions need a GPU)."""
+    from metacanvas_deploy.mc_export.build import resolve_ranges
+    from metacanvas_deploy.mc_export.export.onnx_export import export_component
+    from metacanvas_deploy.mc_export.models.metacanvas import MetaCanvas
+    from metacanvas_deploy.mc_export.ort_gpu import prepare
+    from metacanvas_deploy.mc_export.stages import plan_stages
+
+    model = MetaCanvas.from_preset(request.param, "tiny", seed=0, random_canvas=True)
+    comp = plan_stages(model, resolve_ranges(model, ()))["denoise"]
+    tmp = tmp_path_factory.mktemp(f"fp16-{request.param}")
+    raw, fp32, fp16 = tmp / "denoise.raw.onnx", tmp / "denoise.fp32.onnx", tmp / "denoise.onnx"
+    export_component(comp, raw)
+    prepare(raw, fp32, "fp32", tmp, providers=("CPUExecutionProvider",))
+    prepare(raw, fp16, "fp16", tmp, providers=("CPUExecutionProvider",))
+    return comp, raw, fp32, fp16
+
+
+def test_fp16_graph_is_half_inside_and_float32_at_its_edges(fp16_stage):
+    """Weights of the weight layers in fp16; the graph's I/O, the timestep embedding's sin/cos (prologue) and the
+    scheduler update that writes next_sample (epilogue) in float32."""
+    import onnx
+
+    from metacanvas_deploy.calib.graph import fold_weight_transposes
+    from metacanvas_deploy.mc_export.ort_gpu import float32_nodes, weight_nodes
+
+    comp, raw, _, fp16 = fp16_stage
+    model = onnx.load(str(fp16))
+    f32 = onnx.TensorProto.FLOAT
+    assert all(v.type.tensor_type.elem_type == f32 for v in [*model.graph.input, *model.graph.output]
+               if v.type.tensor_type.elem_type in (f32, onnx.TensorProto.FLOAT16))
+    converted = onnx.load(str(raw.with_name("denoise.raw.fp16.onnx")))  # before ONNX Runtime's fusions
+    half = {t.name for t in converted.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16}
+    weights = weight_nodes(converted.graph)
+    assert weights and all(n.input[1] in half for n in converted.graph.node if n.name in weights)
+
+    graph = fold_weight_transposes(onnx.load(str(raw))).graph
+    keep = set(float32_nodes(graph))
+    assert weight_nodes(graph) == weights
+    by_output = {o: n for n in graph.node for o in n.output}
+    assert by_output["next_sample"].name in keep  # the scheduler update
+    trig = [n.name for n in graph.node if n.op_type in ("Sin", "Cos")]
+    assert trig and set(trig) <= keep  # the timestep embedding
+    assert weights and not (weights & keep)
+
+
+def test_fp16_stage_passes_the_fp16_gate_and_is_not_the_fp32_graph(fp16_stage):
+    """Against the PyTorch reference at fp16's tolerance (the one TensorRT's fp16 engines meet), run by the CUDA
+    engine class on the CPU provider. The CPU computes the half nodes its own way (ONNX Runtime casts around
+    kernels it lacks in fp16), so this checks the conversion, not the GPU's numbers."""
+    from metacanvas_deploy.mc_export.export.onnx_export import parity_gate
+    from metacanvas_deploy.mc_export.ort_gpu import cuda_runner
+    from metacanvas_deploy.mc_export.tensorrt.precision import GATE_TOLERANCE
+
+    comp, _, fp32, fp16 = fp16_stage
+    entry = comp.spec.engine_entry(fp16.name, "onnxruntime", "1.32.0", "fp16")
+    half = parity_gate(comp, cuda_runner(fp16, entry, device="cpu"), tolerance=GATE_TOLERANCE["fp16"])
+    full = parity_gate(comp, fp32)
+    assert max(r.max_rel for r in half) > 10 * max(r.max_rel for r in full)  # fp16 rounding is there
 
 
 # --- on a GPU -------------------------------------------------------------------------------------------------
