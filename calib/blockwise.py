@@ -210,7 +210,8 @@ def block_calibrate(prepared: Path, candidates: list[str], feeds: Sequence[dict]
                     measure_sensitivity: bool = True, hook: Callable[[int, int | None], None] | None = None,
                     label: str = "calibration") -> dict[str, float]:
     """`calib.quantize.calibrate` block by block: the ranges of every candidate layer's input and output over
-    ``feeds`` into ``cache`` (the same values), resuming from ``state``. Returns the layers' sensitivity
+    ``feeds`` into ``cache`` (the same values), resuming from ``state``. ``log``: a progress line as each segment
+    starts ("denoise: block 3/30 (transformer.blocks.2): 9% (...), 2 min in, about 20 min left") and between. Returns the layers' sensitivity
     (`calib.sensitivity.sensitivity` on the first `SENSITIVITY_CALLS` calls; empty without
     ``measure_sensitivity``). ``hook(segment, call)``: called after each call a segment hands on and after each
     segment (call None): a test's interruption point. ``budget``: activation bytes per chunk (`calib.activations`)."""
@@ -231,8 +232,11 @@ def block_calibrate(prepared: Path, candidates: list[str], feeds: Sequence[dict]
         name = segments[k].name
         progress.label = f"{label}: " + (f"block {blocks.index(name) + 1}/{len(blocks)} ({name})" if name in blocks
                                          else name)
+        if log is not None:  # a line as each segment starts (one block can take minutes at full size)
+            log(progress.line())
         _segment(run, k)
     progress.close()
+    shutil.rmtree(state.directory / "spill", ignore_errors=True)  # read by segments past the last one with work
     data, scores = {}, {}
     for k in range(p.last_work + 1):
         if p.owned[k]:

@@ -1,0 +1,200 @@
+"""INT8/FP8 calibration block by block (`calib.partition`, `calib.blockwise`): the same answer as the whole-graph
+pass, resumable, refusing what it cannot use.
+
+Oracles: the whole-graph pass (`calib.quantize.calibrate`, `calib.sensitivity.sensitivity`) on the same graph and
+the same calls; ONNX Runtime running the whole graph. Tolerance: none. Both passes run ONNX Runtime with the same
+session options (`calib.activations.session_options`), so every activation is the same float32 bit for bit; each
+tensor's statistic (min/max, or the histogram ORT's percentile collector grows call by call, its bins extended
+as new extremes come) sees the same values in the same call order. The minmax (FP8 amax) ranges, the percentile
+(INT8) ranges and the sensitivity figures are therefore equal exactly, not within a tolerance; a per-call
+histogram merged in another call order would only be equal within a bin width, which is why the block pass keeps
+the call order.
+
+Graphs: tiny SANA with 3 blocks and tiny FLUX (a double and a single block: two block lists), their calls drawn
+from the component specs (two shapes); the gate test quantizes the session's tiny SANA bundle both ways.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from metacanvas_deploy.calib import blockwise as bw
+from metacanvas_deploy.calib.activations import session_options
+from metacanvas_deploy.calib.capture import check_calibration_set
+from metacanvas_deploy.calib.errors import CalibrationDataError, CalibrationStateError, RecipeError
+from metacanvas_deploy.calib.partition import extract, partition
+from metacanvas_deploy.calib.quantize import calibrate, prepare, quantize_stage
+from metacanvas_deploy.calib.ranges import load_ranges
+from metacanvas_deploy.calib.sensitivity import sensitivity
+from metacanvas_deploy.mc_export.backbones import get, recipe_for_backbone
+from metacanvas_deploy.mc_export.build import resolve_ranges
+from metacanvas_deploy.mc_export.export.onnx_export import export_component
+from metacanvas_deploy.mc_export.models.metacanvas import MetaCanvas
+from metacanvas_deploy.mc_export.stages import plan_stages
+
+QUICK = dict(calibration_prompts=4, calibration_steps=3, held_out_prompts=2, held_out_seeds=(1000,),
+             evaluation_steps=3)
+
+
+class Interrupted(Exception):
+    """Raised from the block pass's hook: a kill at that point of the real code path."""
+
+
+def _stage(backbone: str, layers: int | None, root: Path):
+    preset = get(backbone).preset("tiny")
+    if layers:
+        preset = dataclasses.replace(preset, transformer={**preset.transformer, "num_layers": layers})
+    model = MetaCanvas.from_preset(backbone, preset, seed=0, random_canvas=True)
+    comp = plan_stages(model, resolve_ranges(model, ()))["denoise"]
+    raw = root / f"{backbone}.raw.onnx"
+    export_component(comp, raw)
+    calls = [comp.sample_inputs("opt", seed=i) for i in range(3)] + [comp.sample_inputs("min", seed=9)]
+    return raw, calls
+
+
+@pytest.fixture(scope="module")
+def stages(tmp_path_factory):
+    """backbone -> (raw denoise export, 4 calls of two shapes): SANA with 3 blocks, FLUX with 1 + 1."""
+    root = tmp_path_factory.mktemp("blockwise")
+    return {"sana": _stage("sana", 3, root), "flux": _stage("flux", None, root)}
+
+
+def _prepared(stages, backbone: str, fmt: str, where: Path):
+    raw, calls = stages[backbone]
+    recipe = recipe_for_backbone(backbone, fmt)
+    _, nodes = prepare(raw, where / f"{backbone}.{fmt}.prepared.onnx", recipe, calls)
+    return where / f"{backbone}.{fmt}.prepared.onnx", nodes, calls, recipe
+
+
+def _values(cache: Path) -> dict[str, tuple]:
+    return {t: tuple(np.asarray(v.range_value).tolist()) for t, v in load_ranges(cache).items()}
+
+
+def test_the_segments_run_in_order_are_the_graph(stages, tmp_path):
+    raw, calls = stages["flux"]
+    model = onnx.load(str(raw))
+    segments = partition(model.graph, get("flux").block_pattern())
+    assert [s.name for s in segments] == ["prologue", "transformer.transformer_blocks.0",
+                                          "transformer.single_transformer_blocks.0", "epilogue"]
+    assert len(segments[1].inputs) > 1  # the hidden state and the side tensors (temb, rotary, text states)
+    whole = ort.InferenceSession(str(raw), session_options(1), providers=["CPUExecutionProvider"])
+    want = whole.run(None, calls[3])
+    values = dict(calls[3])
+    for k, seg in enumerate(segments):
+        extract(model, seg, tmp_path / f"s{k}.onnx")
+        sess = ort.InferenceSession(str(tmp_path / f"s{k}.onnx"), session_options(1),
+                                    providers=["CPUExecutionProvider"])
+        values.update(zip(seg.outputs, sess.run(list(seg.outputs), {t: values[t] for t in seg.inputs})))
+    for out, ref in zip(whole.get_outputs(), want):
+        assert np.array_equal(values[out.name], ref)  # bit for bit
+
+
+@pytest.mark.parametrize("backbone", ["sana", "flux"])
+@pytest.mark.parametrize("fmt", ["fp8", "int8"])  # minmax (amax) and percentile ranges
+def test_block_ranges_and_sensitivity_equal_the_whole_graph_pass(stages, backbone, fmt, tmp_path):
+    prepared, nodes, calls, recipe = _prepared(stages, backbone, fmt, tmp_path)
+    assert recipe.calibration_pass == "block" and recipe.calibration == ("minmax" if fmt == "fp8" else "percentile")
+    calibrate(prepared, nodes, calls, recipe, tmp_path / "whole.json", threads=1)
+    state = bw.open_state(tmp_path / "state", bw.identity(recipe, stages[backbone][0], "model"))
+    scores = bw.block_calibrate(prepared, nodes, calls, recipe, tmp_path / "block.json", state, threads=1)
+    whole, block = _values(tmp_path / "whole.json"), _values(tmp_path / "block.json")
+    assert len(whole) >= 2 * len(nodes) // 2 and block == whole  # every tensor, exactly
+    assert scores == sensitivity(prepared, tmp_path / "whole.json", nodes, calls[:2], recipe, threads=1)
+    assert sorted(p.name for p in prepared.parent.iterdir() if ".segment" in p.name) == []  # cleaned up
+
+
+@pytest.mark.parametrize("where", [(2, None), (2, 1)], ids=["at-a-block-boundary", "mid-block"])
+def test_an_interrupted_pass_resumes_at_its_first_unfinished_block(stages, tmp_path, where):
+    prepared, nodes, calls, recipe = _prepared(stages, "sana", "int8", tmp_path)
+    ident = bw.identity(recipe, stages["sana"][0], "model")
+    bw.block_calibrate(prepared, nodes, calls, recipe, tmp_path / "straight.json",
+                       bw.open_state(tmp_path / "s0", ident), threads=1)
+
+    def kill(segment, call):
+        if (segment, call) == where:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        bw.block_calibrate(prepared, nodes, calls, recipe, tmp_path / "resumed.json",
+                           bw.open_state(tmp_path / "s1", ident), threads=1, hook=kill)
+    assert not (tmp_path / "resumed.json").exists()
+    done = json.loads((tmp_path / "s1" / "state.json").read_text())["done"]
+    assert done == ["prologue", "transformer.transformer_blocks.0", "transformer.transformer_blocks.1"][:where[0] + (
+        1 if where[1] is None else 0)]
+    ran: list[int] = []
+    lines: list[str] = []
+    bw.block_calibrate(prepared, nodes, calls, recipe, tmp_path / "resumed.json", bw.open_state(tmp_path / "s1", ident),
+                       threads=1, log=lines.append, hook=lambda s, c: ran.append(s) if c is None else None)
+    assert ran[0] == len(done) and ran == list(range(len(done), len(done) + len(ran)))  # nothing done twice
+    assert any("resuming at transformer.transformer_blocks" in line for line in lines)
+    assert _values(tmp_path / "resumed.json") == _values(tmp_path / "straight.json")
+    assert not (tmp_path / "s1" / "spill").exists() or not any((tmp_path / "s1" / "spill").iterdir())
+
+
+def test_a_state_of_another_model_or_recipe_is_refused_naming_it(stages, tmp_path):
+    raw = stages["sana"][0]
+    recipe = recipe_for_backbone("sana", "int8")
+    bw.open_state(tmp_path / "state", bw.identity(recipe, raw, "model-a"))
+    other = dataclasses.replace(recipe, name="mine", percentile=99.9)
+    with pytest.raises(CalibrationStateError, match=r"state of recipe sana-int8-w8a8 .*not of this calibration "
+                                                    r"\(recipe mine .*remove it"):
+        bw.open_state(tmp_path / "state", bw.identity(other, raw, "model-a"))
+    with pytest.raises(CalibrationStateError, match=r"model model-a.*model model-b"):
+        bw.open_state(tmp_path / "state", bw.identity(recipe, raw, "model-b"))
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "notes.txt").write_text("mine")
+    with pytest.raises(CalibrationStateError, match="not a calibration state"):
+        bw.open_state(tmp_path / "elsewhere", bw.identity(recipe, raw, "model-a"))
+    assert (tmp_path / "elsewhere" / "notes.txt").read_text() == "mine"
+
+
+def test_bad_calibration_input_is_refused_before_any_work(stages):
+    from metacanvas_deploy.mc_export.quantized import check_calibration
+
+    wan = recipe_for_backbone("wan", "int8")
+    with pytest.raises(CalibrationDataError, match=r"2 calibration prompts for 4 tasks .*calibration_prompts >= 4"):
+        check_calibration_set(dataclasses.replace(wan, calibration_prompts=2), ("t2v", "i2v", "v2v", "r2v"))
+    with pytest.raises(CalibrationDataError, match=r"500 generation calibration prompts asked, .* has 128"):
+        check_calibration_set(dataclasses.replace(wan, calibration_prompts=500), ("t2i",))
+    model = MetaCanvas.from_preset("sana", "tiny", seed=0)
+    components = plan_stages(model, resolve_ranges(model, ()))
+    wrong = dataclasses.replace(recipe_for_backbone("sana", "fp8"), block_pattern=r"transformer\.blocks\.\d+")
+    with pytest.raises(RecipeError, match=r"block_pattern .*names no block of the denoise stage"):
+        check_calibration(components, wrong, tuple(model.cfg.tasks))
+    with pytest.raises(RecipeError, match="names no block of the denoise graph"):
+        partition(onnx.load(str(stages["sana"][0]), load_external_data=False).graph, wrong.block_pattern,
+                  "denoise graph")
+    with pytest.raises(RecipeError, match="calibration_pass 'block' needs a block_pattern"):
+        dataclasses.replace(wrong, block_pattern=None)
+
+
+def test_the_quantized_stage_and_its_gate_match_the_whole_graph_pass(bundles, tmp_path, monkeypatch, capfd):
+    """One tiny SANA denoise stage quantized to INT8 both ways: the same Q/DQ graph byte for byte, the same gate
+    figures; the block pass reports progress per block and the quantizer's warnings stay out of the output."""
+    from metacanvas_deploy.calib import progress
+
+    monkeypatch.setattr(progress.Progress.__init__, "__defaults__", (print, 0.0, True))  # a line per update
+    model = MetaCanvas.from_preset("sana", "tiny", seed=0, random_canvas=True)
+    raw = tmp_path / "denoise.raw.onnx"
+    export_component(plan_stages(model, resolve_ranges(model, ()))["denoise"], raw)
+    out, lines = {}, []
+    for mode in ("whole", "block"):
+        recipe = dataclasses.replace(recipe_for_backbone("sana", "int8"), **QUICK, calibration_pass=mode)
+        (tmp_path / mode).mkdir()
+        out[mode] = quantize_stage(bundles["sana"], raw, recipe, "denoise", tmp_path / mode, threads=1,
+                                   log=lines.append, state_dir=tmp_path / f"{mode}.state")
+    assert out["block"].qdq_path.read_bytes() == out["whole"].qdq_path.read_bytes()
+    assert out["block"].metrics == out["whole"].metrics and out["block"].quantized == out["whole"].quantized
+    assert any(line.startswith("denoise: block 1/1 (transformer.transformer_blocks.0): ") and "left" in line
+               for line in lines), lines
+    assert any(line.startswith("denoise: capture (requests): ") for line in lines)
+    assert "WARNING" not in capfd.readouterr().err
+    shutil.rmtree(tmp_path / "block.state")
