@@ -42,6 +42,8 @@ def report(bundle: str | Path, float_bundle: str | Path | None = None, threads: 
     quant = pipe.manifest.build.get("quantization")
     if not quant:
         raise BundleMismatchError(f"{bundle} is a {pipe.manifest.build.get('precision', '?')} bundle, not a quantized one")
+    if quant.get("mode") == "streamed":  # weight-only straight from the checkpoint: gated against PyTorch
+        return _streamed_report(pipe.manifest, quant)
     ref = Pipeline.load(float_bundle or quant["float_bundle"], threads=threads)
     if ref.manifest.build.get("cache_key") != quant["float_cache_key"]:
         raise BundleMismatchError(f"{ref.bundle.path} is not the float bundle {bundle} was calibrated against "
@@ -94,3 +96,18 @@ def _stage_worst(pipe, ref, stage: str, reqs, steps: int) -> dict[str, tuple[flo
             old = worst.get(name, (1.0, 0.0))
             worst[name] = (min(old[0], c), max(old[1], r))
     return worst
+
+
+def _streamed_report(manifest, quant) -> Report:
+    """A bundle whose weight-only stages were built straight from the checkpoint (no float bundle): what their
+    gates against the PyTorch fp32 stages measured at build time (`python -m mc_export verify` runs them again)."""
+    lines = [f"# {manifest.backbone}: weight-only stages built from the checkpoint, gated against PyTorch fp32 "
+             "(no float bundle; `python -m mc_export verify --bundle DIR` re-runs the gates)", "",
+             "| stage | precision | layers | output | case | cosine | max-rel | tolerance |",
+             "|---|---|---|---|---|---|---|---|"]
+    for stage, rec in quant["stages"].items():
+        tol = rec["gate"]["tolerance"]
+        lines += [f"| {stage} | {rec['precision']} | {rec['quantized_layers']} | {r['output']} | {r['case']} | "
+                  f"{r['cosine']:.6f} | {r['max_rel']:.3e} | cosine >= {tol['min_cosine']}, max-rel <= "
+                  f"{tol['max_rel']} |" for r in rec["gate"]["rows"]]
+    return Report(lines, [])

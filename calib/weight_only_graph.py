@@ -88,9 +88,13 @@ class _Shared:
 
 
 def _lazy_initializers(graph, prefix: str, shared: _Shared, shapes: dict[str, tuple[tuple, object]]) -> dict:
-    """Register one lazy initializer per key of ``shapes`` (key -> (shape, ir dtype)); returns key -> ir.Value."""
+    """Register one lazy initializer per key of ``shapes`` (key -> (shape, ir dtype)); returns key -> ir.Value.
+    A weight read by several layers (the planner's base weights serve the prompt and, under LoRA, the canvas)
+    is quantized once: its initializers are reused."""
     import onnx_ir as ir
 
+    if f"{prefix}.{next(iter(shapes))}" in graph.initializers:
+        return {key: graph.initializers[f"{prefix}.{key}"] for key in shapes}
     out = {}
     for key, (shape, dtype) in shapes.items():
         value = ir.Value(name=f"{prefix}.{key}", shape=ir.Shape(shape), type=ir.TensorType(dtype))

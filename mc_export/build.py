@@ -315,6 +315,19 @@ def build(cfg: BuildConfig, log=print) -> Path:
     return out
 
 
+def _streamed_tolerance(manifest, stage: str):
+    """The weight-only gate of a stage built straight from the checkpoint (`mc_export.weight_only_build`), or
+    None for every other stage."""
+    from metacanvas_deploy.calib.recipes import Recipe
+    from metacanvas_deploy.mc_export.weight_only_build import MODE, tolerance
+    from metacanvas_deploy.runtime.manifest_fields import thaw
+
+    quant = thaw(manifest.build.get("quantization") or {})
+    if quant.get("mode") != MODE or stage not in quant.get("stages", {}):
+        return None
+    return tolerance(Recipe.from_json(quant["stages"][stage]["recipe"]))
+
+
 def verify(bundle_dir: str | Path) -> list[str]:
     """Re-run every stage's parity gate: the bundle's float engines against the PyTorch reference rebuilt from the
     manifest's recorded source, its quantized stages against their float bundle on held-out requests
@@ -344,16 +357,16 @@ def verify(bundle_dir: str | Path) -> list[str]:
         if stage not in m.engines:
             raise ConfigError(f"{bundle.path} has no {stage!r} engine; rebuild it")
         entry = m.engines[stage]
-        if entry.precision in QUANTIZED:  # held to the float bundle, not to PyTorch's fp32 numbers: below
+        tolerance = _streamed_tolerance(m, stage)  # weight-only, built without a float bundle: against PyTorch
+        if entry.precision in QUANTIZED and tolerance is None:  # held to the float bundle: below
             quantized.append(stage)
             continue
         engine = bundle.engine_path(stage)
-        tolerance = None
         if entry.backend == "tensorrt":
             from metacanvas_deploy.mc_export.tensorrt.precision import GATE_TOLERANCE
             from metacanvas_deploy.runtime.trt_engine import TrtEngine
 
-            engine, tolerance = TrtEngine(engine, entry), GATE_TOLERANCE.get(entry.precision)
+            engine, tolerance = TrtEngine(engine, entry), tolerance or GATE_TOLERANCE.get(entry.precision)
         rows, skipped = gate_stage(comp, engine, weights, tolerance)
         lines += [row.fmt() for row in rows] if rows else [f"{stage:<14} not gated: {skipped}"]
     if quantized:  # the quantized stages, measured again against the float bundle on held-out requests

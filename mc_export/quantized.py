@@ -29,6 +29,7 @@ from metacanvas_deploy.mc_export.backbones import mixed_recipe_for_backbone, rec
 from metacanvas_deploy.mc_export.errors import ConfigError
 from metacanvas_deploy.mc_export.export.onnx_export import export_component
 from metacanvas_deploy.mc_export.stages import plan_stages, tensorrt_engine
+from metacanvas_deploy.mc_export.weight_only_build import build_streamed, streams
 from metacanvas_deploy.runtime.bundle import load_bundle, write_bundle
 from metacanvas_deploy.runtime.manifest_fields import thaw
 
@@ -59,6 +60,8 @@ def recipe_for(cfg, model) -> Recipe:
 def build_quantized(cfg, model, recipe: Recipe, ranges, steps: int, weights_digest: str, key: str, log) -> Path:
     """Build ``cfg.out`` at ``cfg.precision`` (int8 / fp8) with ``recipe``: the float bundle (same model, same
     pass), then each quantized stage from its one raw export."""
+    if streams(recipe, model):  # lazy weights, weight-only stages: quantized while streaming, no float bundle
+        return build_streamed(cfg, model, recipe, ranges, steps, key, log)
     components = plan_stages(model, ranges)
     missing = [s for s in recipe.stages if s not in components]
     if missing:
@@ -113,9 +116,8 @@ def check_stages(components, recipe: Recipe) -> None:
     """Before any export: int8/fp8 only where their gate applies (a denoise step's update), and every weight-only
     stage's layers from the PyTorch module (`nn.Linear`, named as the export names them): a block size that does
     not divide a quantized layer's K, or a stage with nothing to quantize, is a RecipeError here."""
-    from torch import nn
-
     from metacanvas_deploy.calib.weight_only_stage import plan_layers
+    from metacanvas_deploy.mc_export.weight_only_build import linear_shapes
 
     for stage in recipe.stages:
         comp = components[stage]
@@ -124,9 +126,7 @@ def check_stages(components, recipe: Recipe) -> None:
                 raise ConfigError(f"{stage}: {recipe.format_of(stage)} calibration gates a denoise step's update; "
                                   f"{stage} is not one: quantize it weight-only (w8 or w4) or leave it fp32")
             continue
-        shapes = {f"{name}.weight": (m.in_features, m.out_features) for name, m in comp.module().named_modules()
-                  if isinstance(m, nn.Linear)}
-        plan_layers(recipe, stage, shapes)
+        plan_layers(recipe, stage, linear_shapes(comp.module()))
 
 
 def check_calibration(components, recipe: Recipe, tasks: tuple[str, ...]) -> None:

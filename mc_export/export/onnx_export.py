@@ -36,7 +36,7 @@ def _quiet():
 
 
 def export_component(comp: Component, path: Path, opset: int = OPSET, weights=None,
-                     fused_attention: bool = True, log=None) -> list[Path]:
+                     fused_attention: bool = True, log=None, graph_transform=None) -> list[Path]:
     """Export ``comp`` to ``path`` (one graph covering every shape its spec allows). Returns the files written:
     the .onnx, plus ``<name>.data`` when the weights pass `calib.graph.EXTERNAL_DATA_BYTES` (2 GB: ONNX external
     data, each tensor aligned for memory mapping, `calib.external_data`).
@@ -47,6 +47,10 @@ def export_component(comp: Component, path: Path, opset: int = OPSET, weights=No
     ``weights`` (`mc_export.models.lazy.LazyWeights`): the module's parameters are on `meta`; the graph is
     traced from the structure alone and each weight is streamed from the checkpoint into the file as it is
     written, so a model larger than memory exports (tests/test_lazy_weights.py).
+
+    ``graph_transform``: called on the onnx-ir model before it is written (weights still lazy), which it then
+    writes (`calib.weight_only_graph.save`): weight-only quantization while the weights stream
+    (`mc_export.weight_only_build`), so the stage's fp32 graph is never written.
     """
     from metacanvas_deploy.mc_export.export.patches import export_patches
 
@@ -75,7 +79,13 @@ def export_component(comp: Component, path: Path, opset: int = OPSET, weights=No
             optimize=spec.optimize and weights is None, external_data=external, verbose=False)
         if weights is not None:
             _stream_weights(program, weights.refs(module), buffers, path, log)
-        _save(program, path, external)
+        if graph_transform is not None:
+            from metacanvas_deploy.calib.weight_only_graph import save as save_ir
+
+            graph_transform(program.model)
+            save_ir(program.model, path)
+        else:
+            _save(program, path, external)
     files = [path]
     data = path.with_name(path.name + ".data")
     if data.exists():

@@ -1,0 +1,306 @@
+"""Weight-only INT8/INT4 (`--precision w8|w4`) and per-stage precision (`--stage-precision`).
+
+Oracles: the numpy reference block quantizer (`calib.weight_only`: every graph form must dequantize to its numbers
+bit for bit, executed by ONNX Runtime's own kernels), a float graph whose weights are the reference's dequantized
+weights (what a weight-only stage must compute, up to summation order), the file written by quantizing after a
+float export (quantizing while the weights stream must write the same graph and tensors, bit for bit), and the
+float bundle (end-to-end PSNR of decoded frames on held-out prompts). Tiny SANA.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from onnx import helper, numpy_helper
+
+from metacanvas_deploy.calib import weight_only as wo
+from metacanvas_deploy.calib import weight_only_graph as wg
+from metacanvas_deploy.calib.errors import RecipeError
+from metacanvas_deploy.mc_export.backbones import recipe_for_backbone
+from metacanvas_deploy.mc_export.build import BuildConfig, build, resolve_ranges
+from metacanvas_deploy.mc_export.errors import BuildError, ConfigError
+from metacanvas_deploy.mc_export.export.onnx_export import export_component
+from metacanvas_deploy.mc_export.models.metacanvas import MetaCanvas
+from metacanvas_deploy.mc_export.stages import plan_stages
+from metacanvas_deploy.mc_export.weight_only_build import linear_shapes
+from metacanvas_deploy.runtime.pipeline import Pipeline
+
+SPECS = [wo.BlockSpec(b, 16, s) for b in (4, 8) for s in (True, False)]
+# held-out gate small enough for the suite (1 prompt, 1 seed, 3 steps); the budgets are the shipped ones
+QUICK = dict(held_out_prompts=1, held_out_seeds=(1000,), evaluation_steps=3)
+
+
+def _session(model: onnx.ModelProto):
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def _model(nodes, inputs, outputs, inits, ms: bool = True):
+    opsets = [helper.make_opsetid("", 21)] + ([helper.make_opsetid("com.microsoft", 1)] if ms else [])
+    return helper.make_model(helper.make_graph(nodes, "g", inputs, outputs, inits), opset_imports=opsets)
+
+
+# --- the arithmetic, bit for bit ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.bits}bit-{'sym' if s.symmetric else 'asym'}")
+def test_every_graph_form_dequantizes_to_the_numpy_reference_bit_for_bit(spec):
+    """MatMulNBits (times the identity), blocked DequantizeLinear (TensorRT's form) and GatherBlockQuantized all
+    give the reference's (q - zp) * scale exactly; codes stay in range, an all-zero block survives."""
+    rng = np.random.default_rng(spec.bits)
+    k, n = 64, 24
+    w = rng.standard_normal((k, n)).astype(np.float32) * np.linspace(0.1, 3, n, dtype=np.float32)
+    w[:16, 0] = 0.0  # an all-zero block
+    bq = wo.quantize_blocks(w, spec)
+    ref = wo.dequantize_blocks(bq)
+    assert bq.codes.max() < 2**spec.bits and np.all(ref[:16, 0] == 0)
+    assert np.max(np.abs(ref - w)) <= 0.5001 * np.repeat(bq.scales.T, spec.block_size, axis=0).max()
+    # MatMulNBits: packed B, flat scales, zero points only when affine
+    t = wo.matmul_nbits_tensors(bq)
+    node = helper.make_node("MatMulNBits", ["x", *t], ["y"], domain="com.microsoft", K=k, N=n, bits=spec.bits,
+                            block_size=spec.block_size)
+    sess = _session(_model([node], [helper.make_tensor_value_info("x", 1, ["m", k])],
+                           [helper.make_tensor_value_info("y", 1, ["m", n])],
+                           [numpy_helper.from_array(v, name) for name, v in t.items()]))
+    assert np.array_equal(sess.run(None, {"x": np.eye(k, dtype=np.float32)})[0], ref)
+    x = rng.standard_normal((5, k)).astype(np.float32)
+    np.testing.assert_allclose(sess.run(None, {"x": x})[0], x @ ref, rtol=1e-5, atol=1e-5)
+    # DequantizeLinear, opset 21, axis 0, block_size: int4/int8 codes (symmetric, zero points 0) or uint4/uint8
+    d = wo.dequantize_linear_tensors(bq)
+    dq = _model([helper.make_node("DequantizeLinear", ["x", "scale", "zero_point"], ["y"], axis=0,
+                                  block_size=spec.block_size)], [], [helper.make_tensor_value_info("y", 1, [k, n])],
+                [ir.serde.serialize_tensor(ir.tensor(v, name=name)) for name, v in d.items()], ms=False)
+    onnx.checker.check_model(dq, full_check=True)
+    assert np.array_equal(_session(dq).run(None, {})[0], ref)
+    if spec.symmetric:
+        assert not np.any(np.asarray(d["zero_point"], np.int8))
+    # GatherBlockQuantized: rows of an embedding table, each quantized along its features
+    table = rng.standard_normal((40, 32)).astype(np.float32)
+    g = wo.gather_block_tensors(table, spec)
+    node = helper.make_node("GatherBlockQuantized", ["data", "ids", *list(g)[1:]], ["y"], domain="com.microsoft",
+                            gather_axis=0, quantize_axis=1, block_size=spec.block_size, bits=spec.bits)
+    ids = np.array([0, 7, 39, 7], np.int64)
+    sess = _session(_model([node], [helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, ["i"])],
+                           [helper.make_tensor_value_info("y", 1, None)],
+                           [numpy_helper.from_array(v, name) for name, v in g.items()]))
+    want = wo.dequantize_blocks(wo.quantize_blocks(np.ascontiguousarray(table.T), spec)).T
+    assert np.array_equal(sess.run(None, {"ids": ids})[0], want[ids])
+
+
+def test_a_block_size_that_does_not_divide_k_is_refused():
+    with pytest.raises(RecipeError, match="does not divide the input dimension K=48"):
+        wo.quantize_blocks(np.ones((48, 4), np.float32), wo.BlockSpec(4, 32))
+    with pytest.raises(RecipeError, match="power of 2"):
+        wo.BlockSpec(4, 24)
+
+
+# --- quantized while streaming == quantized after export; the stage computes the reference's weights ------------
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("wo") / "sana"
+    MetaCanvas.from_preset("sana", "tiny", seed=0, random_canvas=True).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def streamed(checkpoint, tmp_path_factory):
+    """A w4 bundle built straight from the checkpoint (lazy weights, no float bundle), keeping the planner's file
+    as the streaming export wrote it (before ONNX Runtime's offline optimisation)."""
+    from metacanvas_deploy.mc_export import weight_only_build
+
+    root = tmp_path_factory.mktemp("wo_streamed")
+    place = weight_only_build._place
+
+    def keep(raw, final):
+        if raw.name == "planner.onnx":
+            shutil.copyfile(raw, root / "streamed.onnx")
+        place(raw, final)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(weight_only_build, "_place", keep)
+        build(BuildConfig(out=root / "w4", checkpoint=checkpoint, precision="w4", steps=3, lazy_weights="on"),
+              log=lambda *a: None)
+    return root
+
+
+@pytest.fixture(scope="module")
+def planner_files(checkpoint, streamed):
+    """The tiny planner's fp32 lazy export and the shipped w4 recipe's choice of layers."""
+    from metacanvas_deploy.calib.weight_only_stage import chooser, plan_layers
+
+    model = MetaCanvas.from_pretrained(checkpoint, lazy=True)
+    comp = plan_stages(model, resolve_ranges(model, ()))["planner"]
+    recipe = recipe_for_backbone("sana", "w4")
+    choose = chooser(plan_layers(recipe, "planner", linear_shapes(comp.module())), recipe)
+    export_component(comp, streamed / "fp32.onnx", weights=model.lazy_weights)
+    return streamed, comp, choose
+
+
+def _graph_and_tensors(path):
+    model = onnx.load(str(path))
+    nodes = [(n.op_type, n.domain, list(n.input), list(n.output), [a.SerializeToString() for a in n.attribute])
+             for n in model.graph.node]
+    return nodes, {t.name: (t.data_type, tuple(t.dims), numpy_helper.to_array(t).tobytes())
+                   for t in model.graph.initializer}
+
+
+def test_quantizing_while_streaming_writes_what_quantizing_after_export_writes(planner_files):
+    root, _, choose = planner_files
+    done = wg.rewrite_file(root / "fp32.onnx", root / "after.onnx", choose, "matmulnbits",
+                           wo.BlockSpec(4, 32, True))
+    nodes, tensors = _graph_and_tensors(root / "streamed.onnx")
+    assert (nodes, tensors) == _graph_and_tensors(root / "after.onnx")
+    assert len(done.layers) >= 10 and done.embeddings  # the LM's linears and the embedding table
+    assert sum(op == "MatMulNBits" for op, *_ in nodes) >= len(done.layers)  # a shared weight serves two
+    names = [t.name for t in onnx.load(str(root / "streamed.onnx")).graph.initializer]
+    assert len(names) == len(set(names))
+    assert not any(name.removesuffix(".T") in done.layers for name in tensors)  # no fp32 copy of a quantized weight
+
+
+def _dequantized_float_graph(fp32_path, choose, out):
+    """The oracle: the fp32 graph with every quantized weight replaced by the reference's dequantized weight."""
+    model = ir.load(str(fp32_path))
+    wg.fold_transposes(model.graph)
+    done = set()
+    for node in wg.weight_nodes(model.graph)[0]:
+        spec = choose(wg.layer_name(node, node.inputs[1]))
+        if spec is not None and node.inputs[1].name not in done:  # a weight two layers read: once
+            done.add(node.inputs[1].name)
+            w = node.inputs[1].const_value.numpy()
+            node.inputs[1].const_value = ir.tensor(wo.dequantize_blocks(wo.quantize_blocks(w, spec)),
+                                                   name=node.inputs[1].name)
+    ir.save(model, str(out))
+
+
+def test_a_weight_only_stage_computes_the_reference_dequantized_weights(planner_files):
+    """MatMulNBits (ONNX Runtime) and blocked DequantizeLinear (TensorRT's form, run by ONNX Runtime's CPU kernels)
+    stages against the float graph holding the numpy reference's dequantized weights: equal up to summation
+    order (rtol/atol 1e-5); the TensorRT form passes onnx's checker (int4 codes, zero points 0, axis 0, blocks of
+    32) and, on a graph of standard ops, TensorRT's file checks; the ONNX Runtime form is refused by them."""
+    from metacanvas_deploy.mc_export.tensorrt.builder import check_onnx
+    from metacanvas_deploy.mc_export.tensorrt.precision import rule
+
+    root, comp, choose = planner_files
+    wg.rewrite_file(root / "fp32.onnx", root / "nbits.onnx", choose, "matmulnbits")
+    wg.rewrite_file(root / "fp32.onnx", root / "dq.onnx", choose, "dequantize")
+    # ONNX Runtime fuses DequantizeLinear + MatMul into MatMulNBits with int8 activations (accuracy level 4) unless
+    # told otherwise; TensorRT's weight-only path keeps activations float, as level 0 does
+    so = ort.SessionOptions()
+    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    feeds = comp.sample_inputs("opt", seed=3)
+    _dequantized_float_graph(root / "fp32.onnx", choose, root / "oracle.onnx")
+    want = ort.InferenceSession(str(root / "oracle.onnx")).run(None, feeds)
+    for form in ("nbits", "dq"):
+        got = ort.InferenceSession(str(root / f"{form}.onnx"), so).run(None, feeds)
+        for a, b in zip(got, want):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    dq = onnx.load(str(root / "dq.onnx"))
+    onnx.checker.check_model(dq, full_check=True)
+    # the planner's ONNX Runtime export fuses attention; TensorRT's export does not: the file checks on two linears
+    rng = np.random.default_rng(0)
+    two = _model([helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("MatMul", ["h", "w2"], ["y"])],
+                 [helper.make_tensor_value_info("x", 1, ["m", 64])], [helper.make_tensor_value_info("y", 1, ["m", 32])],
+                 [numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32), "a.weight"),
+                  numpy_helper.from_array(rng.standard_normal((64, 32)).astype(np.float32), "b.weight")], ms=False)
+    two.graph.node[0].input[1], two.graph.node[1].input[1] = "a.weight", "b.weight"
+    onnx.save(two, str(root / "two.onnx"))
+    wg.rewrite_file(root / "two.onnx", root / "two.dq.onnx", lambda name: wo.BlockSpec(4, 32), "dequantize")
+    check_onnx(root / "two.dq.onnx", rule("w4"))
+    blocks = [n for n in dq.graph.node if n.op_type == "DequantizeLinear"]
+    assert blocks and all({a.name: a.i for a in n.attribute} == {"axis": 0, "block_size": 32} for n in blocks)
+    inits = {t.name: t for t in dq.graph.initializer}
+    assert {inits[n.input[0]].data_type for n in blocks} == {onnx.TensorProto.INT4}
+    assert all(not numpy_helper.to_array(inits[n.input[2]]).any() for n in blocks)  # zero points 0 (TensorRT)
+    with pytest.raises(BuildError, match="non-standard ops"):
+        check_onnx(root / "nbits.onnx", rule("w4"))
+
+
+def test_a_w4_bundle_built_straight_from_the_checkpoint_needs_no_float_bundle(streamed, bundles):
+    """Lazy weights, every quantized stage weight-only: one pass, no `<out>-fp32`; each weight-only stage gated
+    against PyTorch fp32 (cosine >= 0.99); end to end within 30 dB of the float bundle of the same weights."""
+    out = streamed / "w4"
+    assert not (streamed / "w4-fp32").exists()
+    m = json.loads((out / "manifest.json").read_text())
+    q = m["build"]["quantization"]
+    assert q["mode"] == "streamed" and {s: e["precision"] for s, e in m["engines"].items()} == {
+        "planner": "w4", "denoise": "w4", "vae_decoder": "fp32"}
+    assert all(r["cosine"] >= 0.99 for s in q["stages"].values() for r in s["gate"]["rows"])
+    assert q["stages"]["planner"]["kernels"]["MatMulNBits"] >= q["stages"]["planner"]["quantized_layers"] >= 10
+    from metacanvas_deploy.calib import capture as cap
+    from metacanvas_deploy.calib.quantize import psnr
+
+    req = cap.requests(("t2i",), 1, (1000,), "held_out")[0]
+    ours, ref = Pipeline.load(out, threads=1), Pipeline.load(bundles["sana"], threads=1)  # same weights
+    assert psnr(cap.run(ours, req, 3).frames, cap.run(ref, req, 3).frames) >= 30.0
+
+
+# --- bundles: per-stage precision, gated against the float bundle; straight from the checkpoint -------------------
+@pytest.fixture(scope="module")
+def mixed_bundle(bundles, tmp_path_factory):
+    """planner w4, denoise w8 in one bundle, calibrated against the session's tiny SANA float bundle."""
+    root = tmp_path_factory.mktemp("mixed")
+    shutil.copytree(bundles["sana"], root / "sana-fp32")
+    cfg = BuildConfig(out=root / "sana", backbone="sana", steps=3,
+                      stage_precision=(("planner", "w4"), ("denoise", "w8")))
+    from metacanvas_deploy.mc_export import quantized
+
+    real = quantized.mixed_recipe_for_backbone
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(quantized, "mixed_recipe_for_backbone",
+                   lambda *a, **k: dataclasses.replace(real(*a, **k), **QUICK))
+        return build(cfg, log=lambda *a: None)
+
+
+def test_a_mixed_bundle_records_each_stage_and_meets_its_budget_against_the_float_bundle(mixed_bundle, bundles):
+    m = json.loads((mixed_bundle / "manifest.json").read_text())
+    assert m["build"]["precision"] == "mixed"
+    assert {s: e["precision"] for s, e in m["engines"].items()} == {"planner": "w4", "denoise": "w8",
+                                                                    "vae_decoder": "fp32"}
+    stages = m["build"]["quantization"]["stages"]
+    assert {s: r["precision"] for s, r in stages.items()} == {"planner": "w4", "denoise": "w8"}
+    assert len({r["recipe_sha256"] for r in stages.values()}) == 1
+    assert stages["planner"]["integer_kernels"]["MatMulNBits"] == stages["planner"]["quantized_layers"] >= 10
+    for rec in stages.values():  # the shipped budget: 30 dB end to end, stage cosine 0.99
+        assert rec["metrics"]["mean_psnr_db"] >= 30.0 and rec["metrics"]["stage_cosine"] >= 0.99
+    # end to end, both stages at once, against the float bundle on a held-out prompt: PSNR >= 30 dB
+    from metacanvas_deploy.calib import capture as cap
+    from metacanvas_deploy.calib.quantize import psnr
+
+    req = cap.requests(("t2i",), 1, (1000,), "held_out")[0]
+    ours, ref = Pipeline.load(mixed_bundle, threads=1), Pipeline.load(bundles["sana"], threads=1)
+    assert psnr(cap.run(ours, req, 3).frames, cap.run(ref, req, 3).frames) >= 30.0
+    # verify re-gates the quantized stages against the float bundle (calib.report)
+    from metacanvas_deploy.mc_export.build import verify
+
+    assert any("planner" in line and "prompt_embeds" in line for line in verify(mixed_bundle))
+
+
+# --- bad input, before any work -----------------------------------------------------------------------------------
+def test_bad_weight_only_requests_are_refused_before_any_export(tmp_path, monkeypatch):
+    from metacanvas_deploy.mc_export import stages
+
+    monkeypatch.setattr(stages, "export_component", lambda *a, **k: pytest.fail("exported before refusing"))
+    with pytest.raises(BuildError, match="cannot be built for onnxruntime-gpu"):
+        BuildConfig(out=tmp_path / "a", backbone="sana", precision="w4", target="onnxruntime-gpu").validate(
+            cuda_available=True)
+    asym = dataclasses.replace(recipe_for_backbone("sana", "w4"), symmetric=False)
+    with pytest.raises(BuildError, match="symmetric blocks only"):
+        BuildConfig(out=tmp_path / "b", backbone="sana", precision="w4", target="tensorrt", recipe=asym,
+                    export_only=False).validate(gpu_available=True)
+    with pytest.raises(ConfigError, match="expected one of fp32, int8, fp8, w8, w4"):
+        BuildConfig(out=tmp_path / "c", backbone="sana", stage_precision=(("planner", "w3"),)).validate()
+    cases = [(dict(stage_precision=(("decoder", "w4"),)), ConfigError, "lacks .its stages: planner, denoise"),
+             (dict(precision="w4", recipe=dataclasses.replace(recipe_for_backbone("sana", "w4"), block_size=64)),
+              RecipeError, "block_size 64 does not divide"),
+             (dict(precision="w4", recipe=dataclasses.replace(recipe_for_backbone("sana", "w4"), keep_float=(".",))),
+              RecipeError, "nothing to quantize"),
+             (dict(stage_precision=(("planner", "int8"),)), ConfigError, "not one: quantize it weight-only")]
+    for kwargs, error, message in cases:
+        with pytest.raises(error, match=message):
+            build(BuildConfig(out=tmp_path / "d", backbone="sana", **kwargs), log=lambda *a: None)
+        assert not (tmp_path / "d").exists() and not (tmp_path / "d-fp32").exists()
+
