@@ -104,6 +104,7 @@ def run_step_cache(cfg: StepCacheConfig, log=print) -> dict:
         return result
     from metacanvas_deploy.calib.capture import requests
     from metacanvas_deploy.calib.quantize import psnr
+    from metacanvas_deploy.runtime.manifest_fields import thaw
     from metacanvas_deploy.runtime.media import synthetic_media
     from metacanvas_deploy.runtime.pipeline import Pipeline
 
@@ -132,9 +133,10 @@ def run_step_cache(cfg: StepCacheConfig, log=print) -> dict:
                      "uncached": _figures(ref, ref_s), "cached": _figures(ours, ours_s)})
         log(f"  {req.prompt[:40]!r}: DiT {runs[-1]['uncached']['dit_s']} -> {runs[-1]['cached']['dit_s']} s, "
             f"PSNR {runs[-1]['psnr_db']} dB")
+    schedule = thaw(m.scheduler["cache"])  # plain JSON values (the manifest's are frozen)
     result.update(bundle=str(bundle), backbone=m.backbone, preset=m.preset, steps=cfg.steps,
-                  schedule={k: v for k, v in m.scheduler["cache"].items() if k != "measured"},
-                  build_measured=dict(m.scheduler["cache"]["measured"]), runs=runs)
+                  schedule={k: v for k, v in schedule.items() if k != "measured"},
+                  build_measured=schedule["measured"], runs=runs)
     return result
 
 
