@@ -29,7 +29,7 @@ from metacanvas_deploy.mc_export.backbones import mixed_recipe_for_backbone, rec
 from metacanvas_deploy.mc_export.errors import ConfigError
 from metacanvas_deploy.mc_export.export.onnx_export import export_component
 from metacanvas_deploy.mc_export.stages import plan_stages, tensorrt_engine
-from metacanvas_deploy.mc_export.weight_only_build import build_streamed, streams
+from metacanvas_deploy.mc_export.weight_only_build import build_streamed, check_stages, streams
 from metacanvas_deploy.runtime.bundle import load_bundle, write_bundle
 from metacanvas_deploy.runtime.manifest_fields import thaw
 
@@ -110,23 +110,6 @@ def build_quantized(cfg, model, recipe: Recipe, ranges, steps: int, weights_dige
         write_bundle(cfg.out, populate)
     shutil.rmtree(calibration_state(cfg), ignore_errors=True)  # built: nothing left to resume
     return Path(cfg.out)
-
-
-def check_stages(components, recipe: Recipe) -> None:
-    """Before any export: int8/fp8 only where their gate applies (a denoise step's update), and every weight-only
-    stage's layers from the PyTorch module (`nn.Linear`, named as the export names them): a block size that does
-    not divide a quantized layer's K, or a stage with nothing to quantize, is a RecipeError here."""
-    from metacanvas_deploy.calib.weight_only_stage import plan_layers
-    from metacanvas_deploy.mc_export.weight_only_build import linear_shapes
-
-    for stage in recipe.stages:
-        comp = components[stage]
-        if recipe.format_of(stage) not in WEIGHT_ONLY:
-            if "next_sample" not in comp.spec.output_names:
-                raise ConfigError(f"{stage}: {recipe.format_of(stage)} calibration gates a denoise step's update; "
-                                  f"{stage} is not one: quantize it weight-only (w8 or w4) or leave it fp32")
-            continue
-        plan_layers(recipe, stage, linear_shapes(comp.module()))
 
 
 def check_calibration(components, recipe: Recipe, tasks: tuple[str, ...]) -> None:

@@ -32,6 +32,7 @@ from metacanvas_deploy.calib.recipes import WEIGHT_ONLY, Recipe
 from metacanvas_deploy.calib.weight_only_stage import WEIGHT_ONLY_OPS, chooser, embedding_spec
 from metacanvas_deploy.mc_export import writer as w
 from metacanvas_deploy.mc_export.components.spec_data import Tolerance
+from metacanvas_deploy.mc_export.errors import ConfigError
 from metacanvas_deploy.mc_export.export.onnx_export import export_component
 from metacanvas_deploy.mc_export.stages import gate_stage, plan_stages, tensorrt_engine, write_stages
 from metacanvas_deploy.runtime.bundle import write_bundle
@@ -50,6 +51,22 @@ def linear_shapes(module) -> dict[str, tuple[int, int]]:
             if isinstance(m, nn.Linear)}
 
 
+def check_stages(components, recipe: Recipe) -> None:
+    """Before any export: int8/fp8 only where their gate applies (a denoise step's update), and every weight-only
+    stage's layers from the PyTorch module (`nn.Linear`, named as the export names them): a block size that does
+    not divide a quantized layer's K, or a stage with nothing to quantize, is a RecipeError here."""
+    from metacanvas_deploy.calib.weight_only_stage import plan_layers
+
+    for stage in recipe.stages:
+        comp = components[stage]
+        if recipe.format_of(stage) not in WEIGHT_ONLY:
+            if "next_sample" not in comp.spec.output_names:
+                raise ConfigError(f"{stage}: {recipe.format_of(stage)} calibration gates a denoise step's update; "
+                                  f"{stage} is not one: quantize it weight-only (w8 or w4) or leave it fp32")
+            continue
+        plan_layers(recipe, stage, linear_shapes(comp.module()))
+
+
 def streams(recipe: Recipe, model) -> bool:
     """Whether a build takes this path: lazy weights, and every stage the recipe quantizes weight-only."""
     return getattr(model, "lazy_weights", None) is not None and all(
@@ -64,8 +81,6 @@ def tolerance(recipe: Recipe) -> Tolerance:
 def build_streamed(cfg, model, recipe: Recipe, ranges, steps: int, key: str, log) -> Path:
     """Write ``cfg.out``: the recipe's weight-only stages quantized while their weights stream, the other stages
     as a float build writes them."""
-    from metacanvas_deploy.mc_export.quantized import check_stages
-
     components = plan_stages(model, ranges)
     check_stages(components, recipe)
     weights = model.lazy_weights
