@@ -74,6 +74,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads (default 2)")
     p.add_argument("--cache", type=Path, help="where benchmark bundles go")
     p.add_argument("--out", type=Path, help="write the result JSON here")
+    p = sub.add_parser("weight-only", help="planner and denoise step in fp32, w8 and w4 vs PyTorch eager: latency, "
+                                           "memory, bytes, accuracy")
+    p.add_argument("--backbone", choices=BACKBONES, required=True)
+    p.add_argument("--preset", choices=["tiny", "small"], default="small", help="default: small")
+    p.add_argument("--cache", type=Path, help="where benchmark bundles go")
+    _common(p, runs=5, warmup=1)
     p = sub.add_parser("report", help="Markdown from one result JSON, or B compared with A")
     p.add_argument("results", type=Path, nargs="+", metavar="RESULT.json")
     return parser
@@ -129,6 +135,13 @@ def _step_cache(args) -> dict:
                                           budget_db=args.budget, published=args.published, **_cache(args)), log=_log)
 
 
+def _weight_only(args) -> dict:
+    from benchmarks.weight_only import WeightOnlyConfig, run_weight_only
+
+    return run_weight_only(WeightOnlyConfig(backbone=args.backbone, preset=args.preset, runs=args.runs,
+                                            warmup=args.warmup, threads=args.threads, **_cache(args)), log=_log)
+
+
 def _log(*parts) -> None:
     print(*parts, file=sys.stderr, flush=True)
 
@@ -159,8 +172,13 @@ def main(argv: list[str] | None = None) -> int:
             print(_report(args), end="")
             return 0
         result = {"latency": _latency, "compare": _compare, "sweep": _sweep,
-                  "step-cache": _step_cache}[args.command](args)
+                  "step-cache": _step_cache, "weight-only": _weight_only}[args.command](args)
         _write(result, args.out)
+        if args.command == "weight-only":
+            from benchmarks.weight_only import render_weight_only
+
+            print(render_weight_only(result), end="")
+            return 0
         if args.command == "step-cache":
             from benchmarks.step_cache import render_step_cache
 
