@@ -1,11 +1,19 @@
-"""Peak resident memory of fetching a graph's activations for calibration (`calib.activations.Exposer`), with and
-without a budget, on a chain of MatMuls whose every output is exposed.
+"""Peak resident memory of calibration.
+
+Fetching a graph's activations (`calib.activations.Exposer`), with and without a budget, on a chain of MatMuls
+whose every output is exposed:
 
     python -m benchmarks.calib_memory [--rows 8192 --width 1024 --layers 24 --budget-mib 100 --out JSON]
 
 ONNX Runtime keeps every graph output of a run alive until the run ends, so one session exposing all the
-tensors holds them all; the budgeted run gives each chunk its own session. Each case runs in a fresh process
-(the kernel's high-water mark is per process).
+tensors holds them all; the budgeted run gives each chunk its own session.
+
+The whole-graph pass against the block pass (`calib.blockwise`) on a preset's denoise stage (INT8 and FP8
+recipes, calls drawn from the component spec):
+
+    python -m benchmarks.calib_memory --passes sana [--preset small --calls 4 --out JSON]
+
+Each case runs in a fresh process (the kernel's high-water mark is per process).
 """
 
 from __future__ import annotations
@@ -61,15 +69,84 @@ def run(rows: int, width: int, layers: int, budget_mib: float) -> dict:
             "unbounded": cases[0], "budgeted": cases[1]}
 
 
+def _pass_case(raw: Path, backbone: str, fmt: str, mode: str, calls: int, preset: str) -> dict:
+    """One calibration pass over the stage at ``raw``, in this process: peak resident memory over the start (the
+    prepared graph written, the calls in memory), and the time it took."""
+    import dataclasses
+    import time
+
+    from metacanvas_deploy.calib import blockwise
+    from metacanvas_deploy.calib.quantize import calibrate, prepare
+    from metacanvas_deploy.mc_export.backbones import recipe_for_backbone
+    from metacanvas_deploy.runtime.memory import rss_phase, status_kb
+
+    recipe = dataclasses.replace(recipe_for_backbone(backbone, fmt), calibration_pass=mode)
+    feeds = [np.load(f) for f in sorted(raw.parent.glob("call*.npz"))][:calls]
+    feeds = [dict(f) for f in feeds]
+    prepared = raw.with_name(f"{mode}.{fmt}.prepared.onnx")
+    _, nodes = prepare(raw, prepared, recipe, feeds)
+    start = (status_kb("VmRSS") or 0) / 1024.0
+    t0 = time.perf_counter()
+    with rss_phase() as mem:
+        if mode == "whole":
+            calibrate(prepared, nodes, feeds, recipe, raw.with_name(f"{mode}.{fmt}.json"))
+        else:
+            state = blockwise.open_state(raw.with_name(f"state.{fmt}"), blockwise.identity(recipe, raw, preset))
+            blockwise.block_calibrate(prepared, nodes, feeds, recipe, raw.with_name(f"{mode}.{fmt}.json"), state,
+                                      measure_sensitivity=False)
+    return {"format": fmt, "pass": mode, "calibration": recipe.calibration, "layers": len(nodes),
+            "seconds": round(time.perf_counter() - t0, 1), "start_mib": round(start, 1),
+            "peak_over_start_mib": round(mem["peak_mb"] - start, 1), "scope": mem["scope"]}
+
+
+def run_passes(backbone: str, preset: str, calls: int) -> dict:
+    """The whole-graph and the block pass, INT8 and FP8, on ``backbone``'s ``preset`` denoise stage; the ranges of
+    the two passes compared too (equal, as tests/test_calib_blockwise.py asserts at tiny size)."""
+    from metacanvas_deploy.calib.ranges import load_ranges
+    from metacanvas_deploy.mc_export.build import resolve_ranges
+    from metacanvas_deploy.mc_export.export.onnx_export import export_component
+    from metacanvas_deploy.mc_export.models.metacanvas import MetaCanvas
+    from metacanvas_deploy.mc_export.stages import plan_stages
+
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "denoise.raw.onnx"
+        model = MetaCanvas.from_preset(backbone, preset, seed=0, random_canvas=True)
+        comp = plan_stages(model, resolve_ranges(model, ()))["denoise"]
+        export_component(comp, raw)
+        weights = sum(p.numel() * 4 for p in comp.module().parameters())
+        del model, comp
+        comp_calls = MetaCanvas.from_preset(backbone, preset, seed=0, random_canvas=True)
+        comp = plan_stages(comp_calls, resolve_ranges(comp_calls, ()))["denoise"]
+        for i in range(calls):
+            np.savez(Path(tmp) / f"call{i:03d}.npz", **comp.sample_inputs("opt", seed=i))
+        del comp_calls, comp
+        cases, equal = [], {}
+        for fmt in ("fp8", "int8"):
+            for mode in ("whole", "block"):
+                cases.append(in_fresh_process("benchmarks.calib_memory", "_pass_case", raw, backbone, fmt, mode,
+                                              calls, preset))
+            whole, block = (load_ranges(Path(tmp) / f"{m}.{fmt}.json") for m in ("whole", "block"))
+            equal[fmt] = whole.keys() == block.keys() and all(
+                np.array_equal(whole[t].range_value, block[t].range_value) for t in whole)
+    return {"backbone": backbone, "preset": preset, "calls": calls, "stage_weights_mib": round(weights / 2**20, 1),
+            "cases": cases, "ranges_equal": equal}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.calib_memory", description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=8192)
     ap.add_argument("--width", type=int, default=1024)
     ap.add_argument("--layers", type=int, default=24)
     ap.add_argument("--budget-mib", type=float, default=100.0)
+    ap.add_argument("--passes", metavar="BACKBONE", help="whole-graph vs block calibration on BACKBONE's denoise stage")
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--calls", type=int, default=4)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
-    result = run(args.rows, args.width, args.layers, args.budget_mib)
+    if args.passes:
+        result = run_passes(args.passes, args.preset, args.calls)
+    else:
+        result = run(args.rows, args.width, args.layers, args.budget_mib)
     text = json.dumps(result, indent=1)
     if args.out:
         args.out.write_text(text)
