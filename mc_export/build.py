@@ -65,6 +65,9 @@ class BuildConfig:
     # the budget) or a MagCache threshold; the budget is the worst held-out PSNR of decoded frames vs uncached
     cache: str = "off"
     cache_budget_db: float = 30.0
+    # a published curve (per step, CFG rows averaged) instead of measuring one, and where it comes from
+    cache_curve: tuple[float, ...] | None = None
+    cache_curve_source: str = ""
 
     def validate(self, gpu_available: bool | None = None, cuda_available: bool | None = None) -> BuildConfig:
         """Resolve `auto` and check the combination; returns the resolved config. ``gpu_available`` (TensorRT)
@@ -179,10 +182,14 @@ class BuildConfig:
     def _check_cache(self) -> None:
         """--cache: off, auto or a threshold, with the options it cannot combine with refused before any work."""
         from metacanvas_deploy.runtime.limits import check_real
-        from metacanvas_deploy.runtime.step_cache import check_threshold
+        from metacanvas_deploy.runtime.step_cache import check_threshold, curve_ok
 
         if self.cache == "off":
+            if self.cache_curve is not None:
+                raise ConfigError("--cache-curve gives step caching its curve: add --cache auto (or a threshold)")
             return
+        if self.cache_curve is not None and not curve_ok(self.cache_curve):
+            raise ConfigError("--cache-curve: expected 2..1000 magnitude ratios in [0.001, 1000], one per step")
         if self.cache != "auto":
             check_threshold(self.cache, ConfigError, "--cache")
         check_real("--cache-budget", self.cache_budget_db, 1.0, 100.0, ConfigError)

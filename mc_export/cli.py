@@ -150,6 +150,9 @@ def _add_build(sub) -> None:
                         "--cache-budget; a number fixes the threshold (default off)")
     p.add_argument("--cache-budget", type=float, default=30.0,
                    help="step caching's accuracy budget: worst held-out PSNR (dB) of frames vs uncached")
+    p.add_argument("--cache-curve", metavar="FILE.json",
+                   help='step caching: a published magnitude-ratio curve instead of measuring one: {"curve": [one '
+                        'ratio per step], "source": "where it comes from"}')
     p.add_argument("--out", required=True)
     p.set_defaults(func=_cmd_build)
 
@@ -183,11 +186,28 @@ def _cmd_build(args) -> None:
                       verify=not args.no_verify, lazy_weights=args.lazy_weights,
                       recipe=recipe, float_bundle=Path(args.float_bundle) if args.float_bundle else None,
                       export_only=args.export_only, ort_provider=args.ort_provider, stage_precision=args.stage_precision or (),
-                      cache=args.cache, cache_budget_db=args.cache_budget)
+                      cache=args.cache, cache_budget_db=args.cache_budget, **_cache_curve(args.cache_curve))
     resolved = cfg.validate()
     if resolved.target != args.target:
         print(f"--target auto: no usable GPU/TensorRT here, building for {resolved.target}", file=sys.stderr)
     build(cfg)
+
+
+def _cache_curve(path: str | None) -> dict:
+    """--cache-curve FILE: {"curve": [...], "source": "..."} -> BuildConfig fields (checked by its validate)."""
+    if path is None:
+        return {}
+    import json
+    from pathlib import Path
+
+    from metacanvas_deploy.mc_export.errors import ConfigError
+
+    try:
+        data = json.loads(Path(path).read_text())
+        curve, source = tuple(data["curve"]), str(data.get("source", ""))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"--cache-curve {path}: expected a JSON object with a \"curve\" list ({e})") from None
+    return {"cache_curve": curve, "cache_curve_source": source}
 
 
 def _add_engines(sub) -> None:

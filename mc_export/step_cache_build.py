@@ -121,21 +121,25 @@ def pick_schedule(pipe, curve, steps: int, threshold: float | None, budget_db: f
 
 
 def compile_schedule(pipe, steps: int, threshold: float | None, budget_db: float, log,
-                     who: CacheRequests = CacheRequests()) -> CacheSchedule:
-    """Curve, picked schedule and its figures for the bundle ``pipe`` runs (uncached and cached per request)."""
+                     who: CacheRequests = CacheRequests(), curve=None, source: str = "") -> CacheSchedule:
+    """Curve (measured, or a published ``curve`` from ``source``), picked schedule and its figures for the bundle
+    ``pipe`` runs (uncached and cached per request)."""
     tasks = pipe.manifest.tasks
     calib = requests(tasks, who.calibration_prompts, who.calibration_seeds, "calibration")
     held = requests(tasks, who.held_out_prompts, who.held_out_seeds, "held_out")
-    curve = measure_curve(pipe, calib, steps)
-    log(f"  step cache: magnitude-ratio curve over {steps} steps: {', '.join(f'{v:.3f}' for v in curve)}")
+    if curve is None:
+        curve = measure_curve(pipe, calib, steps)
+        source = (f"measured: {len(calib)} calibration request(s) x CFG rows, prompts from calib's 'calibration' "
+                  f"split, seeds {list(who.calibration_seeds)}")
+    else:
+        curve, source, calib = tuple(float(v) for v in curve), f"given: {source or 'no source named'}", []
+    log(f"  step cache: magnitude-ratio curve ({len(curve)} steps): {', '.join(f'{v:.3f}' for v in curve)}")
     best = pick_schedule(pipe, curve, steps, threshold, budget_db, held, log)
     mask = best["mask"]
     measured = {"steps": steps, "mask": _text(mask), "computed": sum(mask), "cached": steps - sum(mask),
                 "psnr_db": _db(best["psnr_db"]), "held_out_requests": len(held),
                 "held_out_seeds": list(who.held_out_seeds), "calibration_requests": len(calib),
                 "tried": best["tried"]}
-    source = (f"measured: {len(calib)} calibration request(s) x CFG rows, prompts from calib's 'calibration' "
-              f"split, seeds {list(who.calibration_seeds)}")
     log(f"  step cache: {_text(mask)} ({sum(mask)} of {steps} steps computed, worst held-out PSNR "
         f"{best['psnr_db']:.1f} dB; budget {budget_db:g} dB)")
     return CacheSchedule(curve=curve, threshold=best["threshold"], max_skips=best["max_skips"],
@@ -164,4 +168,5 @@ def bundle_schedule(cfg, components, tmp: Path, manifest, steps: int, log) -> Ca
         f"{worst.max_rel:.2e}, cosine {min(r.cosine for r in rows):.7f})")
     pipe = Pipeline(Bundle(path=Path(tmp), manifest=manifest), verify_hashes=False)
     threshold = None if cfg.cache == "auto" else float(cfg.cache)
-    return compile_schedule(pipe, steps, threshold, cfg.cache_budget_db, log)
+    return compile_schedule(pipe, steps, threshold, cfg.cache_budget_db, log, curve=cfg.cache_curve,
+                            source=cfg.cache_curve_source)

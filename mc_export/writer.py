@@ -71,7 +71,7 @@ def cache_key(cfg, model, ranges: BuildRanges, steps: int, weights_digest: str, 
                "target": cfg.target, "ranges": ranges.to_json(), "steps": steps, "tools": tool_versions(cfg.target),
                "verify": cfg.verify, "schema": SCHEMA_VERSION, "device": gpu_identity(cfg)}
     if getattr(cfg, "cache", "off") != "off":  # step caching (absent when off: existing keys stay valid)
-        payload["cache"] = [cfg.cache, cfg.cache_budget_db]
+        payload["cache"] = [cfg.cache, cfg.cache_budget_db, cfg.cache_curve, cfg.cache_curve_source]
     if recipe is not None:
         payload["recipe"] = recipe.digest()
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()

@@ -108,8 +108,7 @@ class CacheSchedule:
         if obj["method"] != METHOD:
             raise fail(f"{where}.method", f"expected {METHOD!r}, got {obj['method']!r}")
         curve = obj["curve"]
-        if not (isinstance(curve, (list, tuple)) and 2 <= len(curve) <= MAX_STEPS
-                and all(_real(v) and MIN_RATIO <= v <= MAX_RATIO for v in curve)):
+        if not curve_ok(curve):
             raise fail(f"{where}.curve", f"expected 2..{MAX_STEPS} magnitude ratios in [{MIN_RATIO:g}, "
                                          f"{MAX_RATIO:g}]")
         if not (_real(obj["threshold"]) and 0.0 < obj["threshold"] <= MAX_THRESHOLD):
@@ -128,6 +127,12 @@ class CacheSchedule:
         return cls(curve=tuple(float(v) for v in curve), threshold=float(obj["threshold"]), max_skips=skips,
                    retain=float(obj["retain"]), source=obj["source"], budget_db=float(obj["budget_db"]),
                    measured=obj["measured"])
+
+
+def curve_ok(curve) -> bool:
+    """A magnitude-ratio curve: 2..MAX_STEPS finite ratios in [MIN_RATIO, MAX_RATIO]."""
+    return (isinstance(curve, (list, tuple)) and 2 <= len(curve) <= MAX_STEPS
+            and all(_real(v) and MIN_RATIO <= v <= MAX_RATIO for v in curve))
 
 
 def _real(v) -> bool:

@@ -248,3 +248,28 @@ def test_published_curves_give_the_published_speedups():
     assert rows["Wan2.2-TI2V-5B", 50]["computed"] == 25
     assert rows["FLUX.1-Kontext-dev", 28]["computed"] == 14
     assert all(r["mask"].startswith("F" * 6) for r in rows.values())
+
+
+def test_a_published_curve_is_taken_as_given_and_still_judged_by_the_budget(pipe):
+    """Oracle: the uncached bundle's frames, as for a measured curve; the curve is stored as given."""
+    from metacanvas_deploy.mc_export.step_cache_build import compile_schedule
+
+    schedule = compile_schedule(pipe, STEPS, None, 30.0, lambda *a: None, curve=KONTEXT_28, source="MagCache Kontext")
+    assert schedule.curve == KONTEXT_28 and schedule.source == "given: MagCache Kontext"
+    assert schedule.measured["calibration_requests"] == 0
+    assert schedule.measured["psnr_db"] == "inf" or schedule.measured["psnr_db"] >= 30.0
+    assert schedule.mask(STEPS) == tuple(c == "F" for c in schedule.measured["mask"])
+
+
+def test_a_bad_cache_curve_is_refused_before_work(tmp_path, capsys):
+    (tmp_path / "c.json").write_text('{"curve": [1.0, -2.0]}')
+    assert compiler_main(["build", "--backbone", "sana", "--cache", "auto", "--cache-curve", str(tmp_path / "c.json"),
+                          "--out", str(tmp_path / "b")]) == 2
+    assert "--cache-curve: expected 2..1000 magnitude ratios" in capsys.readouterr().err
+    (tmp_path / "d.json").write_text('{"curv": []}')
+    assert compiler_main(["build", "--backbone", "sana", "--cache-curve", str(tmp_path / "d.json"),
+                          "--out", str(tmp_path / "b")]) == 2
+    assert 'expected a JSON object with a "curve" list' in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="add --cache auto"):
+        BuildConfig(out=tmp_path / "b", backbone="sana", cache_curve=(1.0, 1.0)).validate(gpu_available=False)
+    assert not (tmp_path / "b").exists()
