@@ -49,17 +49,23 @@ def _initializers(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
                     yield from _initializers(g)
 
 
-def save_aligned(model: onnx.ModelProto, path: Path) -> Path | None:
+def save_aligned(model: onnx.ModelProto, path: Path, base_dir: Path | None = None) -> Path | None:
     """Write ``model`` to ``path`` and every initializer of at least `MIN_EXTERNAL_BYTES` to ``<path>.data``, each
-    at an aligned offset. Each tensor's bytes leave ``model`` as they are written. Returns the data file (None
-    when no tensor is that large: then there is none)."""
+    at an aligned offset. Each tensor's bytes leave ``model`` as they are written. With ``base_dir``, tensors
+    that still live in another file's external data (a graph loaded without its weights, `link_weights`) are
+    copied over one at a time. Returns the data file (None when no tensor is that large: then there is none)."""
     path = Path(path)
     data = path.with_name(path.name + ".data")
     with open(data, "wb") as f:
         for tensor in _initializers(model.graph):
-            if not tensor.HasField("raw_data") or len(tensor.raw_data) < MIN_EXTERNAL_BYTES:
+            if base_dir is not None and tensor.data_location == onnx.TensorProto.EXTERNAL:
+                raw = tensor.raw_data = _read_external(tensor, Path(base_dir))  # one tensor in memory
+                del tensor.external_data[:]
+                tensor.data_location = onnx.TensorProto.DEFAULT
+            elif not tensor.HasField("raw_data") or len(tensor.raw_data) < MIN_EXTERNAL_BYTES:
                 continue
-            raw = tensor.raw_data
+            else:
+                raw = tensor.raw_data
             offset = _aligned(f.tell())
             f.write(b"\0" * (offset - f.tell()))
             f.write(raw)
@@ -71,6 +77,36 @@ def save_aligned(model: onnx.ModelProto, path: Path) -> Path | None:
     onnx.save_model(model, str(path))  # the graph only: no tensor holds raw data and an external location now
     check_aligned(path)
     return data if written else None
+
+
+def _read_external(tensor: onnx.TensorProto, base_dir: Path) -> bytes:
+    info = ExternalDataInfo(tensor)
+    with open(base_dir / info.location, "rb") as f:
+        f.seek(info.offset or 0)
+        raw = f.read(info.length) if info.length is not None else f.read()
+    if info.length is not None and len(raw) != info.length:
+        raise ExternalDataError(f"{info.location} ends before tensor {tensor.name!r} does; rebuild the stage")
+    return raw
+
+
+def link_weights(model: onnx.ModelProto, src: Path, dst: Path) -> None:
+    """Write ``model``, loaded from ``src`` without its external data, to ``dst`` with its external tensors read
+    from the same bytes, never loaded: in the same folder, ``src``'s own data file (a full-size stage's tens of GB
+    stay where they are); elsewhere, a streamed copy as ``<dst>.data`` (onnx refuses linked data files)."""
+    src, dst = Path(src), Path(dst)
+    tensors = [t for t in _initializers(model.graph) if t.data_location == onnx.TensorProto.EXTERNAL]
+    locations = sorted({ExternalDataInfo(t).location for t in tensors})
+    if len(locations) != 1:
+        raise ExternalDataError(f"{src.name}: expected its external tensors in one file, found {locations}")
+    data = dst.with_name(dst.name + ".data")
+    data.unlink(missing_ok=True)
+    if src.parent.resolve() != dst.parent.resolve():
+        shutil.copyfile(src.parent / locations[0], data)
+        for tensor in tensors:
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    entry.value = data.name
+    onnx.save_model(model, str(dst))
 
 
 def realign(path: Path) -> None:

@@ -59,13 +59,16 @@ def optimize_for_ort(src: Path, dst: Path, providers: tuple[str, ...] = ("CPUExe
         realign(dst)
 
 
-def save_model(model: onnx.ModelProto, path: Path) -> None:
+def save_model(model: onnx.ModelProto, path: Path, base_dir: Path | None = None) -> None:
     """Write ``model`` to ``path``, its weights to ``<path>.data`` (each aligned for memory mapping) when they pass
-    `EXTERNAL_DATA_BYTES`. (The weights then leave ``model``'s memory.)"""
+    `EXTERNAL_DATA_BYTES`. (The weights then leave ``model``'s memory.) ``base_dir``: where the external data of a
+    graph loaded without its weights lives (those tensors are copied into ``<path>.data`` one at a time)."""
     path = Path(path)
     path.with_name(path.name + ".data").unlink(missing_ok=True)
-    if sum(t.ByteSize() for t in model.graph.initializer) > EXTERNAL_DATA_BYTES:
-        save_aligned(model, path)
+    external = onnx.TensorProto.EXTERNAL
+    streamed = base_dir is not None and any(t.data_location == external for t in model.graph.initializer)
+    if streamed or sum(t.ByteSize() for t in model.graph.initializer) > EXTERNAL_DATA_BYTES:
+        save_aligned(model, path, base_dir)
     else:
         onnx.save(model, str(path))
 
@@ -100,6 +103,12 @@ def fold_weight_transposes(model: onnx.ModelProto) -> onnx.ModelProto:
     del g.initializer[:]
     g.initializer.extend(kept)
     return model
+
+
+def has_weight_transposes(model: onnx.ModelProto) -> bool:
+    """Whether `fold_weight_transposes` has anything to fold (graph only: no weight is read)."""
+    inits = {t.name for t in model.graph.initializer}
+    return any(n.op_type == "Transpose" and n.input[0] in inits for n in model.graph.node)
 
 
 def weight_layers(model: onnx.ModelProto) -> dict[str, str]:
@@ -165,12 +174,15 @@ FP8_MAX = 448.0  # largest finite E4M3FN value
 FP8_OPSET = 21
 
 
-def qdq_fp8(model: onnx.ModelProto, nodes: list[str], act_amax: dict[str, float]) -> onnx.ModelProto:
+def qdq_fp8(model: onnx.ModelProto, nodes: list[str], act_amax: dict[str, float], base_dir: Path | None = None
+            ) -> onnx.ModelProto:
     """FP8 E4M3 explicit quantization, TensorRT's recipe: per-tensor scale = amax / 448 for each listed layer's
     input activation (``act_amax``, calibrated) and weight (its own max |W|). Activations get a
     QuantizeLinear -> DequantizeLinear pair; weights are stored in FLOAT8E4M3FN behind a DequantizeLinear.
     The graph moves to opset 21 (FP8 Q/DQ). ONNX Runtime's quantizer scales FP8 by a Gaussian fit of the
-    standard deviation instead, which is not what TensorRT calibrates; hence this pass."""
+    standard deviation instead, which is not what TensorRT calibrates; hence this pass. ``base_dir``: ``model`` was
+    loaded without its external data, which lives there; each weight is read when its layer is quantized (only
+    the FP8 copies stay in memory)."""
     import ml_dtypes
 
     g = model.graph
@@ -192,7 +204,7 @@ def qdq_fp8(model: onnx.ModelProto, nodes: list[str], act_amax: dict[str, float]
                               onnx.helper.make_node("DequantizeLinear", [f"{x}.fp8", scale, zero], [f"{x}.fp8_dq"],
                                                     name=f"{x}.fp8_dq")]
                 dq_of[x] = f"{x}.fp8_dq"
-            weight = numpy_helper.to_array(inits[w]).astype(np.float32)
+            weight = numpy_helper.to_array(inits[w], base_dir=str(base_dir or "")).astype(np.float32)
             w_scale = np.float32(max(float(np.abs(weight).max()), 1e-12) / FP8_MAX)
             g.initializer.extend([
                 numpy_helper.from_array((weight / w_scale).astype(ml_dtypes.float8_e4m3fn), f"{w}.fp8"),

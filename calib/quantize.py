@@ -28,9 +28,11 @@ import onnx
 from metacanvas_deploy.calib import capture as cap
 from metacanvas_deploy.calib.activations import Exposer
 from metacanvas_deploy.calib.errors import AccuracyBudgetError
+from metacanvas_deploy.calib.external_data import link_weights
 from metacanvas_deploy.calib.graph import (
     external_data,
     fold_weight_transposes,
+    has_weight_transposes,
     integer_kernels,
     optimize_for_ort,
     qdq_fp8,
@@ -136,13 +138,14 @@ def quantize_model(prepared: Path, out: Path, recipe: Recipe, nodes: list[str], 
     with ONNX Runtime's quantizer, FP8 with `calib.graph.qdq_fp8` (per-tensor amax, as TensorRT calibrates)."""
     from onnxruntime.quantization import QuantFormat, QuantType, load_tensors_data, quantize_static
 
-    if recipe.format == "fp8":
+    if recipe.format == "fp8":  # the weights read one layer at a time: only the FP8 copies are held
         ranges = load_tensors_data(str(ranges_cache)).data
-        model = onnx.load(str(prepared))
+        model = onnx.load(str(prepared), load_external_data=False)
         by_name = {n.name: n for n in model.graph.node}
         amax = {by_name[n].input[0]: max(abs(float(v)) for v in ranges[by_name[n].input[0]].range_value)
                 for n in nodes}
-        save_model(qdq_fp8(model, nodes, amax), out)
+        base = Path(prepared).parent
+        save_model(qdq_fp8(model, nodes, amax, base_dir=base), out, base_dir=base)
         return
 
     quantize_static(
@@ -151,7 +154,7 @@ def quantize_model(prepared: Path, out: Path, recipe: Recipe, nodes: list[str], 
         per_channel=recipe.per_channel_weights, reduce_range=recipe.reduce_range,
         # uint8 activations, int8 weights: the pair ONNX Runtime's CPU integer kernels are fast with
         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=method(recipe),
-        calibration_cache_path=str(ranges_cache), use_external_data_format=external_data(prepared) is not None,
+        calibration_cache_path=str(ranges_cache), use_external_data_format=_external(prepared),
         extra_options={"MatMulConstBOnly": True, "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1}})
 
 
@@ -168,10 +171,30 @@ def _activation_absmax(prepared: Path, nodes: list[str], feeds: Sequence[dict], 
     return {n: amax[by_name[n].input[0]] for n in mm}
 
 
+def _external(path: Path) -> bool:
+    """Whether the model at ``path`` keeps weights in external data (its own ``.data`` or, prepared without
+    loading, its raw export's)."""
+    if external_data(path) is not None:
+        return True
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in graph.initializer)
+
+
 # --- the loop ---------------------------------------------------------------------------------------------------
 def prepare(raw: Path, out: Path, recipe: Recipe, feeds: Sequence[dict]) -> tuple[dict[str, str], list[str]]:
     """Fold weight transposes (and apply SmoothQuant) into ``out``. Returns (layer node -> weight name, the
-    candidate nodes: weight layers the recipe does not keep in float)."""
+    candidate nodes: weight layers the recipe does not keep in float).
+
+    A raw export whose weights live in external data with nothing to fold (lazy exports write ``W.T``) and no
+    SmoothQuant is prepared without loading its weights: ``out`` is the graph, its data a link to the raw's
+    (`calib.external_data.link_weights`), so a full-size stage is never held whole here."""
+    graph = onnx.load(str(raw), load_external_data=False)
+    external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in graph.graph.initializer)
+    if external and recipe.smoothquant_alpha is None and not has_weight_transposes(graph):
+        layers = weight_layers(graph)
+        link_weights(graph, raw, out)
+        return layers, [n for n, w in layers.items() if not recipe.keeps_float(w)]
+    del graph
     model = fold_weight_transposes(onnx.load(str(raw)))
     layers = weight_layers(model)
     candidates = [n for n, w in layers.items() if not recipe.keeps_float(w)]

@@ -198,3 +198,35 @@ def test_the_quantized_stage_and_its_gate_match_the_whole_graph_pass(bundles, tm
     assert any(line.startswith("denoise: capture (requests): ") for line in lines)
     assert "WARNING" not in capfd.readouterr().err
     shutil.rmtree(tmp_path / "block.state")
+
+
+def test_a_stage_with_external_weights_is_prepared_and_quantized_without_loading_them(stages, tmp_path):
+    """A raw export with its weights in external data and nothing to fold (what a lazy full-size export writes):
+    the prepared graph links the raw's data instead of loading it, the block pass and FP8 quantization read one
+    weight at a time; the ranges and the Q/DQ graph equal those of the in-memory path."""
+    from metacanvas_deploy.calib.external_data import save_aligned
+    from metacanvas_deploy.calib.graph import fold_weight_transposes
+    from metacanvas_deploy.calib.quantize import quantize_model
+
+    raw, calls = stages["sana"]
+    lazy = tmp_path / "denoise.raw.onnx"
+    save_aligned(fold_weight_transposes(onnx.load(str(raw))), lazy)
+    recipe = recipe_for_backbone("sana", "fp8")
+    _, nodes = prepare(lazy, tmp_path / "p.onnx", recipe, calls)
+    assert not (tmp_path / "p.onnx.data").exists()  # the raw's weights, not loaded nor copied
+    _, ref_nodes = prepare(raw, tmp_path / "ref.onnx", recipe, calls)
+    assert nodes == ref_nodes
+    state = bw.open_state(tmp_path / "state", bw.identity(recipe, lazy, "model"))
+    bw.block_calibrate(tmp_path / "p.onnx", nodes, calls, recipe, tmp_path / "block.json", state, threads=1)
+    calibrate(tmp_path / "ref.onnx", nodes, calls, recipe, tmp_path / "whole.json", threads=1)
+    assert _values(tmp_path / "block.json") == _values(tmp_path / "whole.json")
+    quantize_model(tmp_path / "p.onnx", tmp_path / "q.onnx", recipe, nodes, tmp_path / "block.json")
+    quantize_model(tmp_path / "ref.onnx", tmp_path / "qref.onnx", recipe, nodes, tmp_path / "whole.json")
+    assert (tmp_path / "q.onnx.data").stat().st_nlink == 1  # its own file
+    outs = [ort.InferenceSession(str(tmp_path / q), providers=["CPUExecutionProvider"]).run(None, calls[0])
+            for q in ("q.onnx", "qref.onnx")]
+    assert all(np.array_equal(a, b) for a, b in zip(*outs))
+    int8 = recipe_for_backbone("sana", "int8")  # ONNX Runtime's quantizer reads the linked weights too
+    calibrate(tmp_path / "p.onnx", nodes, calls[:1], int8, tmp_path / "int8.json", threads=1)
+    quantize_model(tmp_path / "p.onnx", tmp_path / "q8.onnx", int8, nodes, tmp_path / "int8.json")
+    assert ort.InferenceSession(str(tmp_path / "q8.onnx"), providers=["CPUExecutionProvider"]).run(None, calls[0])
