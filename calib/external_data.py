@@ -14,6 +14,7 @@ Each ends with `check_aligned`, which raises `ExternalDataError` naming any tens
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
