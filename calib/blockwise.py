@@ -104,6 +104,20 @@ def open_state(directory: Path, ident: dict) -> BlockState:
     return BlockState(directory, ident, done, feeds)
 
 
+def check_recipe(directory: Path, recipe: Recipe) -> None:
+    """Before any work: CalibrationStateError when ``directory`` holds a state of another recipe (`open_state`
+    checks the whole identity once the model and graph hashes are known)."""
+    path = Path(directory) / "state.json"
+    try:
+        old = json.loads(path.read_text())["identity"] if path.exists() else None
+    except (ValueError, KeyError, TypeError):
+        old = {}
+    if old is not None and old.get("recipe_sha256") != recipe.digest():
+        raise CalibrationStateError(f"{directory} holds the calibration state of {_describe(old)}, not of recipe "
+                                    f"{recipe.name} ({recipe.digest()[:12]}); remove it to calibrate afresh, or "
+                                    "build to another --out")
+
+
 def captured_feeds(state: BlockState, capture: Callable[[Path], Sequence[dict]]):
     """The calibration calls: captured once into the state (``capture(folder)`` returns a `FeedStore`), reopened
     when resuming."""

@@ -19,6 +19,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from metacanvas_deploy.calib.blockwise import check_recipe
 from metacanvas_deploy.calib.errors import RecipeError
 from metacanvas_deploy.calib.graph import external_data
 from metacanvas_deploy.calib.quantize import quantize_stage
@@ -69,6 +70,11 @@ def build_quantized(cfg, model, recipe: Recipe, ranges, steps: int, weights_dige
                           f"(its stages: {', '.join(components)})")
     check_stages(components, recipe)
     check_calibration(components, recipe, tuple(model.cfg.tasks))
+    for stage in recipe.stages:  # a resume state of another recipe: refused before the float build
+        fmt = recipe.format_of(stage)
+        if fmt not in WEIGHT_ONLY and recipe.calibration_pass == "block":  # the recipe `_quantize` passes on
+            narrowed = dataclasses.replace(recipe, format=fmt, stage_formats=()) if recipe.stage_formats else recipe
+            check_recipe(calibration_state(cfg) / stage, narrowed)
     float_cfg = dataclasses.replace(cfg, precision="fp32", recipe=None, float_bundle=None, out=float_bundle_path(cfg),
                                     stage_precision=())
     float_key = w.cache_key(float_cfg, model, ranges, steps, weights_digest)

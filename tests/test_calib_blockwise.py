@@ -230,3 +230,19 @@ def test_a_stage_with_external_weights_is_prepared_and_quantized_without_loading
     calibrate(tmp_path / "p.onnx", nodes, calls[:1], int8, tmp_path / "int8.json", threads=1)
     quantize_model(tmp_path / "p.onnx", tmp_path / "q8.onnx", int8, nodes, tmp_path / "int8.json")
     assert ort.InferenceSession(str(tmp_path / "q8.onnx"), providers=["CPUExecutionProvider"]).run(None, calls[0])
+
+
+def test_the_build_refuses_a_bad_block_recipe_or_a_foreign_state_in_one_line(tmp_path):
+    from test_hostile import assert_one_line_error, cli
+
+    recipe = dataclasses.replace(recipe_for_backbone("sana", "int8"), block_pattern=r"transformer\.blocks\.\d+")
+    (tmp_path / "bad.json").write_text(json.dumps(recipe.to_json()))
+    res = cli("metacanvas_deploy.mc_export", "build", "--backbone", "sana", "--precision", "int8", "--recipe",
+              str(tmp_path / "bad.json"), "--out", str(tmp_path / "sana"))
+    assert_one_line_error(res, "block_pattern", "names no block of the denoise stage")
+    state = tmp_path / "sana.calib" / "denoise"
+    bw.open_state(state, {"recipe": "old-recipe", "recipe_sha256": "0" * 64, "model": "m", "graph_sha256": "g"})
+    res = cli("metacanvas_deploy.mc_export", "build", "--backbone", "sana", "--precision", "fp8", "--out",
+              str(tmp_path / "sana"))
+    assert_one_line_error(res, "calibration state of recipe old-recipe", "sana-fp8-e4m3", "remove it")
+    assert not (tmp_path / "sana-fp32").exists()  # refused before the float build
