@@ -318,16 +318,44 @@ def _sensitivity(run: _Pass, k: int, path: Path, calls: SegmentFeeds) -> dict[st
         cache.unlink(missing_ok=True)
 
 
+def _quantized(run: _Pass, k: int, path: Path) -> Path:
+    """Segment k with its layers quantized (`calib.qdq.quantize_model`) on the ranges collected so far, written
+    beside it: what the next segments calibrate on with ``block_inputs`` "quantized"."""
+    from metacanvas_deploy.calib.qdq import quantize_model
+    from metacanvas_deploy.calib.quiet import quiet_quantizer
+
+    ranges: dict = {}
+    for j in range(k + 1):
+        if run.plan.owned[j]:
+            ranges.update(load_ranges(_ranges_file(run.state, j)))
+    cache, out = path.with_suffix(".ranges.json"), path.with_suffix(".qdq.onnx")
+    save_ranges(ranges, run.recipe, cache)
+    try:
+        with quiet_quantizer():
+            quantize_model(path, out, run.recipe, run.plan.layers[k], cache)
+    finally:
+        cache.unlink(missing_ok=True)
+    return out
+
+
 def _hand_on(run: _Pass, k: int, path: Path, calls: SegmentFeeds) -> None:
-    """Run segment k's float graph over every call and write the outputs later segments read, one call at a
-    time, in a session with the Exposer's options (`calib.activations.session_options`)."""
+    """Run segment k's graph over every call and write the outputs later segments read, one call at a time, in a
+    session with the Exposer's options (`calib.activations.session_options`): the float graph, or with
+    ``block_inputs`` "quantized" the segment quantized (GPTQ-style)."""
     import onnxruntime as ort
 
     seg = run.plan.segments[k]
     folder = run.state.directory / "spill" / f"{k:03d}"
     shutil.rmtree(folder, ignore_errors=True)  # what an interrupted run of this segment left
     folder.mkdir(parents=True)
-    sess = ort.InferenceSession(str(path), session_options(run.threads), providers=["CPUExecutionProvider"])
+    if run.recipe.block_inputs == "quantized" and run.plan.layers[k]:
+        path = _quantized(run, k, path)
+    try:
+        sess = ort.InferenceSession(str(path), session_options(run.threads), providers=["CPUExecutionProvider"])
+    finally:
+        if path.name.endswith(".qdq.onnx"):  # the session holds what it needs
+            path.unlink(missing_ok=True)
+            path.with_name(path.name + ".data").unlink(missing_ok=True)
     names = [i.name for i in sess.get_inputs()]
     for i in range(len(calls)):
         feeds = calls[i]

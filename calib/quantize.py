@@ -30,19 +30,18 @@ from metacanvas_deploy.calib.activations import Exposer
 from metacanvas_deploy.calib.errors import AccuracyBudgetError
 from metacanvas_deploy.calib.external_data import link_weights
 from metacanvas_deploy.calib.graph import (
-    external_data,
     fold_weight_transposes,
     has_weight_transposes,
     integer_kernels,
     optimize_for_ort,
-    qdq_fp8,
     save_model,
     smooth,
     weight_layers,
 )
 from metacanvas_deploy.calib.progress import Progress
+from metacanvas_deploy.calib.qdq import quantize_model
 from metacanvas_deploy.calib.quiet import quiet_quantizer
-from metacanvas_deploy.calib.ranges import collect_ranges, method, save_ranges
+from metacanvas_deploy.calib.ranges import collect_ranges, save_ranges
 from metacanvas_deploy.calib.recipes import Recipe
 from metacanvas_deploy.calib.sensitivity import sensitivity
 from metacanvas_deploy.runtime.memory import rss_phase
@@ -133,31 +132,6 @@ def calibrate(prepared: Path, nodes: list[str], feeds: Sequence[dict], recipe: R
     save_ranges(collect_ranges(prepared, tensors, feeds, recipe, threads, budget), recipe, cache)
 
 
-def quantize_model(prepared: Path, out: Path, recipe: Recipe, nodes: list[str], ranges_cache: Path) -> None:
-    """QDQ-quantize ``nodes`` of ``prepared`` into ``out`` with the calibrated ranges of ``ranges_cache``: INT8
-    with ONNX Runtime's quantizer, FP8 with `calib.graph.qdq_fp8` (per-tensor amax, as TensorRT calibrates)."""
-    from onnxruntime.quantization import QuantFormat, QuantType, load_tensors_data, quantize_static
-
-    if recipe.format == "fp8":  # the weights read one layer at a time: only the FP8 copies are held
-        ranges = load_tensors_data(str(ranges_cache)).data
-        model = onnx.load(str(prepared), load_external_data=False)
-        by_name = {n.name: n for n in model.graph.node}
-        amax = {by_name[n].input[0]: max(abs(float(v)) for v in ranges[by_name[n].input[0]].range_value)
-                for n in nodes}
-        base = Path(prepared).parent
-        save_model(qdq_fp8(model, nodes, amax, base_dir=base), out, base_dir=base)
-        return
-
-    quantize_static(
-        str(prepared), str(out), calibration_data_reader=None, quant_format=QuantFormat.QDQ,
-        op_types_to_quantize=["MatMul", "Conv", "Gemm"], nodes_to_quantize=nodes,
-        per_channel=recipe.per_channel_weights, reduce_range=recipe.reduce_range,
-        # uint8 activations, int8 weights: the pair ONNX Runtime's CPU integer kernels are fast with
-        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=method(recipe),
-        calibration_cache_path=str(ranges_cache), use_external_data_format=_external(prepared),
-        extra_options={"MatMulConstBOnly": True, "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1}})
-
-
 def _activation_absmax(prepared: Path, nodes: list[str], feeds: Sequence[dict], budget: int | None = None
                        ) -> dict[str, np.ndarray]:
     """Per input channel (last axis) max |X| of each MatMul layer over ``feeds`` (SmoothQuant's statistic)."""
@@ -169,15 +143,6 @@ def _activation_absmax(prepared: Path, nodes: list[str], feeds: Sequence[dict], 
         m = np.abs(v).reshape(-1, v.shape[-1]).max(axis=0)
         amax[a] = m if a not in amax else np.maximum(amax[a], m)
     return {n: amax[by_name[n].input[0]] for n in mm}
-
-
-def _external(path: Path) -> bool:
-    """Whether the model at ``path`` keeps weights in external data (its own ``.data`` or, prepared without
-    loading, its raw export's)."""
-    if external_data(path) is not None:
-        return True
-    graph = onnx.load(str(path), load_external_data=False).graph
-    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in graph.initializer)
 
 
 # --- the loop ---------------------------------------------------------------------------------------------------

@@ -64,6 +64,9 @@ class Recipe:
     # matching one block's module path in full (the backbone's, from the compiler's registry)
     calibration_pass: str = "whole"
     block_pattern: str | None = None
+    # block pass: each block calibrated on the outputs of the float blocks before it ("float"), or of those blocks
+    # quantized ("quantized", GPTQ-style: the ranges the quantized model will meet; not equal to the whole pass's)
+    block_inputs: str = "float"
     budget: Budget = Budget()
     # calibration data: prompts from calib/data/prompts.json (first N of the calibration split) x steps; the
     # end-to-end gate: held-out prompts x seeds, sampled with evaluation_steps
@@ -107,6 +110,9 @@ class Recipe:
         if self.calibration_pass not in CALIBRATION_PASSES:
             raise RecipeError(f"recipe {self.name}: calibration_pass must be one of {CALIBRATION_PASSES}, got "
                               f"{self.calibration_pass!r}")
+        if self.block_inputs not in ("float", "quantized"):
+            raise RecipeError(f"recipe {self.name}: block_inputs must be 'float' or 'quantized', got "
+                              f"{self.block_inputs!r}")
         if self.calibration_pass == "block" and not self.block_pattern:
             raise RecipeError(f"recipe {self.name}: calibration_pass 'block' needs a block_pattern (a regex over the "
                               "blocks' module paths, e.g. 'transformer\\.blocks\\.\\d+')")

@@ -246,3 +246,26 @@ def test_the_build_refuses_a_bad_block_recipe_or_a_foreign_state_in_one_line(tmp
               str(tmp_path / "sana"))
     assert_one_line_error(res, "calibration state of recipe old-recipe", "sana-fp8-e4m3", "remove it")
     assert not (tmp_path / "sana-fp32").exists()  # refused before the float build
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "int8"])
+def test_blocks_calibrated_on_quantized_inputs_differ_only_downstream(stages, fmt, tmp_path):
+    """``block_inputs`` "quantized" (GPTQ-style): each block calibrates on the outputs of the blocks before it
+    quantized. Oracle: the float-input pass. Up to and including the first block with quantized layers the
+    ranges are the same; after it they move (what the quantized model meets)."""
+    prepared, nodes, calls, recipe = _prepared(stages, "sana", fmt, tmp_path)
+    gptq = dataclasses.replace(recipe, block_inputs="quantized")
+    raw = stages["sana"][0]
+    bw.block_calibrate(prepared, nodes, calls, recipe, tmp_path / "float.json",
+                       bw.open_state(tmp_path / "f", bw.identity(recipe, raw, "m")), threads=1)
+    bw.block_calibrate(prepared, nodes, calls, gptq, tmp_path / "quantized.json",
+                       bw.open_state(tmp_path / "q", bw.identity(gptq, raw, "m")), threads=1)
+    model = onnx.load(str(prepared), load_external_data=False)
+    segments = [s for s in partition(model.graph, recipe.block_pattern) if s.stop > s.start]
+    p = bw.plan(model, segments, nodes)
+    first = next(k for k in range(len(segments)) if p.layers[k])
+    a, b = _values(tmp_path / "float.json"), _values(tmp_path / "quantized.json")
+    assert a.keys() == b.keys()
+    assert all(a[t] == b[t] for k in range(first + 1) for t in p.owned[k])
+    later = [t for k in range(first + 1, len(segments)) for t in p.owned[k]]
+    assert later and sum(a[t] != b[t] for t in later) >= len(later) // 2
