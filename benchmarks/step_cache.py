@@ -141,9 +141,10 @@ def run_step_cache(cfg: StepCacheConfig, log=print) -> dict:
 
 
 def _figures(out, seconds: float) -> dict:
-    dit = out.timings.get("denoise", 0.0) + out.timings.get("denoise_cached", 0.0)
-    return {"dit_s": round(dit, 3), "end_to_end_s": round(seconds, 3), "computed": out.steps_computed,
-            "cached": out.steps_cached}
+    full, cached = out.timings.get("denoise", 0.0), out.timings.get("denoise_cached", 0.0)
+    return {"dit_s": round(full + cached, 3), "end_to_end_s": round(seconds, 3), "computed": out.steps_computed,
+            "cached": out.steps_cached, "full_step_s": round(full / max(1, out.steps_computed), 3),
+            "cached_step_s": round(cached / out.steps_cached, 3) if out.steps_cached else None}
 
 
 def render_step_cache(result: dict) -> str:
