@@ -67,10 +67,12 @@ def chooser(layers: dict[str, int], recipe: Recipe):
 
 
 def embedding_spec(recipe: Recipe, stage: str, form: str) -> wo.BlockSpec | None:
-    """Embedding tables in the stage's bits (ONNX Runtime's form only; TensorRT gathers float tables)."""
-    if not recipe.quantize_embeddings or form != "matmulnbits":
+    """Embedding tables in the recipe's ``embedding_bits`` (ONNX Runtime's form only; TensorRT gathers float
+    tables)."""
+    if recipe.embedding_bits is None or form != "matmulnbits":
         return None
-    return stage_spec(recipe, stage)
+    stage_spec(recipe, stage)  # a weight-only stage
+    return wo.BlockSpec(recipe.embedding_bits, recipe.block_size, recipe.symmetric)
 
 
 def sensitivity(raw: Path, layers: dict[str, int], recipe: Recipe) -> dict[str, float]:

@@ -33,8 +33,10 @@ from metacanvas_deploy.mc_export.models.presets import Preset, get_preset
 COMMON_KEEP_FLOAT = (r"^injector\.", r"(^|\.)proj_out\.", r"(^|\.)norm_out\.")
 # Weight-only planner (every backbone's: the planner is MetaCanvas', not the DiT's): the Qwen LM's linears are
 # quantized; the connectors (context MLP, canvas prep: small, zero-initialised outputs) and the LoRA adapters
-# (rank-r factors whose K is the rank, below any block) stay float.
-PLANNER_KEEP_FLOAT = (("planner", r"^(?!planner\.qwen\.)"), ("planner", r"\.lora_[AB]\."))
+# (rank-r factors whose K is the rank, below any block) stay float. The vision tower is a stage of its own (its
+# MLP's K, 3420 at full size, takes no power-of-2 block): the planner's plan leaves it out.
+PLANNER_KEEP_FLOAT = (("planner", r"^(?!planner\.qwen\.)"), ("planner", r"\.lora_[AB]\."),
+                      ("planner", r"^planner\.qwen\.model\.visual\."))
 
 
 @dataclass(frozen=True)

@@ -64,7 +64,8 @@ def gpu(name: str = "NVIDIA T4", cc: str = "7.5") -> dict:
 # --- the precision table --------------------------------------------------------------------------------------
 
 def test_fp8_on_turing_is_refused_naming_what_it_can_build():
-    with pytest.raises(BuildError, match=r"fp8 needs compute capability >= 8\.9.*can build: fp32, fp16, int8$"):
+    with pytest.raises(BuildError,
+                       match=r"fp8 needs compute capability >= 8\.9.*can build: fp32, fp16, int8, w8, w4$"):
         check_precision("fp8", gpu("NVIDIA T4", "7.5"))
 
 
