@@ -151,10 +151,17 @@ class SegmentFeeds(Sequence):
         i = self.calls[index]
         out = dict(self.feeds[i])
         files: dict[int, object] = {}
-        for name, (seg, pos) in self.sources.items():
-            if seg not in files:
-                files[seg] = np.load(self.spill / f"{seg:03d}" / f"{i:05d}.npz", allow_pickle=False)
-            out[name] = files[seg][f"arr_{pos}"]
+        try:
+            for name, (seg, pos) in self.sources.items():
+                if seg not in files:
+                    files[seg] = np.load(self.spill / f"{seg:03d}" / f"{i:05d}.npz", allow_pickle=False)
+                out[name] = files[seg][f"arr_{pos}"]
+        except FileNotFoundError as e:
+            raise CalibrationStateError(f"{self.spill.parent}: the state records segments as done whose outputs are "
+                                        f"gone ({e.filename}); remove it to calibrate afresh") from None
+        finally:
+            for f in files.values():
+                f.close()
         return out
 
 
@@ -171,15 +178,15 @@ def plan(model: onnx.ModelProto, segments: list[Segment], candidates: list[str])
     """Which segment collects which tensor's range (the one that produces it; a stage input, the first that reads
     it) and measures which layer; how long each segment's outputs must stay on disk."""
     nodes = model.graph.node
-    seg_of = {nodes[i].name: k for k, s in enumerate(segments) for i in range(s.start, s.stop)}
-    producer = {t: seg_of[n.name] for n in nodes for t in n.output if n.name in seg_of}
+    seg_at = {i: k for k, s in enumerate(segments) for i in range(s.start, s.stop)}
+    producer = {t: seg_at[i] for i, n in enumerate(nodes) for t in n.output if i in seg_at}
     wanted = set(candidates)
     owned: list[list[str]] = [[] for _ in segments]
     layers: list[list[str]] = [[] for _ in segments]
     seen: set[str] = set()
-    for n in nodes:
-        if n.name in wanted:
-            k = seg_of[n.name]
+    for i, n in enumerate(nodes):
+        if n.name in wanted and i in seg_at:
+            k = seg_at[i]
             layers[k].append(n.name)
             for t in (n.input[0], n.output[0]):
                 if t not in seen:
