@@ -199,6 +199,43 @@ def evaluate(pipe, stage: str, candidate, held_feeds: Sequence[dict], held_reqs,
     return StageMetrics(values, cos, rel)
 
 
+def _capture(pipe, stage: str, recipe: Recipe, raw: Path, workdir: Path, state_dir: Path | None, log):
+    """The calibration calls (in the block pass's state when the recipe walks blocks: a foreign state is refused
+    here, before any work), the held-out requests and the first one's calls. Returns (state or None, calls,
+    held-out requests, held-out calls)."""
+    from metacanvas_deploy.calib import blockwise
+
+    tasks = tuple(pipe.manifest.tasks)
+    cap.check_calibration_set(recipe, tasks)
+    calib_reqs = cap.requests(tasks, recipe.calibration_prompts, (0,), "calibration")
+    held_reqs = cap.requests(tasks, recipe.held_out_prompts, recipe.held_out_seeds, "held_out")
+    log(f"  calibration: {len(calib_reqs)} requests x {recipe.calibration_steps} steps ({', '.join(tasks)})")
+    state = None
+    if recipe.calibration_pass == "block":
+        state = blockwise.open_state(state_dir or workdir / f"{stage}.calib",
+                                     blockwise.identity(recipe, raw, pipe.manifest.engines[stage].sha256))
+
+    def calls(folder: Path):
+        return cap.capture(pipe, stage, calib_reqs, recipe.calibration_steps, folder, log)
+
+    feeds = blockwise.captured_feeds(state, calls) if state else calls(workdir / f"{stage}.feeds")
+    held_feeds = cap.capture(pipe, stage, held_reqs[:1], recipe.calibration_steps, workdir / f"{stage}.held")
+    return state, feeds, held_reqs, held_feeds
+
+
+def _calibrate(prepared: Path, candidates: list[str], feeds, recipe: Recipe, ranges: Path, state, threads, log, hook,
+               stage: str) -> dict[str, float] | None:
+    """The ranges into ``ranges``: block by block with a block-pass ``state`` (then the fallback's noise figures
+    come from the same pass and are returned), else in one pass over the whole graph (None: measured on demand)."""
+    from metacanvas_deploy.calib import blockwise
+
+    if state is None:
+        calibrate(prepared, candidates, feeds, recipe, ranges, threads)
+        return None
+    return blockwise.block_calibrate(prepared, candidates, feeds, recipe, ranges, state, threads, log=log,
+                                     measure_sensitivity=recipe.max_fallback_rounds > 0, hook=hook, label=stage)
+
+
 def quantize_stage(float_bundle: Path, raw: Path, recipe: Recipe, stage: str, workdir: Path,
                    threads: int | None = None, log=print, low_memory: bool = False, state_dir: Path | None = None,
                    hook=None) -> QuantizedStage:
@@ -207,7 +244,6 @@ def quantize_stage(float_bundle: Path, raw: Path, recipe: Recipe, stage: str, wo
     pipeline holds one stage's engine at a time (models larger than memory). A recipe with ``calibration_pass``
     "block" calibrates block by block (`calib.blockwise`), resumable from ``state_dir`` (default: in ``workdir``);
     ``hook``: `calib.blockwise.block_calibrate`'s."""
-    from metacanvas_deploy.calib import blockwise
     from metacanvas_deploy.runtime.pipeline import Pipeline
 
     workdir = Path(workdir)
@@ -223,21 +259,7 @@ def quantize_stage(float_bundle: Path, raw: Path, recipe: Recipe, stage: str, wo
 
     with phase("capture"):
         pipe = Pipeline.load(float_bundle, threads=threads, low_memory=low_memory)
-        tasks = tuple(pipe.manifest.tasks)
-        cap.check_calibration_set(recipe, tasks)
-        calib_reqs = cap.requests(tasks, recipe.calibration_prompts, (0,), "calibration")
-        held_reqs = cap.requests(tasks, recipe.held_out_prompts, recipe.held_out_seeds, "held_out")
-        log(f"  calibration: {len(calib_reqs)} requests x {recipe.calibration_steps} steps ({', '.join(tasks)})")
-        state = None
-        if recipe.calibration_pass == "block":  # a foreign state is refused before any work
-            state = blockwise.open_state(state_dir or workdir / f"{stage}.calib",
-                                         blockwise.identity(recipe, raw, pipe.manifest.engines[stage].sha256))
-
-        def calls(folder: Path):
-            return cap.capture(pipe, stage, calib_reqs, recipe.calibration_steps, folder, log)
-
-        feeds = blockwise.captured_feeds(state, calls) if state else calls(workdir / f"{stage}.feeds")
-        held_feeds = cap.capture(pipe, stage, held_reqs[:1], recipe.calibration_steps, workdir / f"{stage}.held")
+        state, feeds, held_reqs, held_feeds = _capture(pipe, stage, recipe, raw, workdir, state_dir, log)
         steps = recipe.evaluation_steps
         float_frames = [cap.run(pipe, req, steps).frames for req in held_reqs]
 
@@ -245,13 +267,7 @@ def quantize_stage(float_bundle: Path, raw: Path, recipe: Recipe, stage: str, wo
     ranges = workdir / f"{stage}.ranges.json"
     with phase("calibrate"):
         layers, candidates = prepare(raw, prepared, recipe, feeds)
-        scores = None
-        if state is not None:  # the fallback's noise figures measured in the same pass
-            scores = blockwise.block_calibrate(prepared, candidates, feeds, recipe, ranges, state, threads, log=log,
-                                               measure_sensitivity=recipe.max_fallback_rounds > 0, hook=hook,
-                                               label=stage)
-        else:
-            calibrate(prepared, candidates, feeds, recipe, ranges, threads)
+        scores = _calibrate(prepared, candidates, feeds, recipe, ranges, state, threads, log, hook, stage)
     log(f"  peak RSS: capture {peaks['capture'] / 1024:.1f} GiB, calibration {peaks['calibrate'] / 1024:.1f} GiB")
     fallback: list[str] = []
     rounds: list[dict] = []
