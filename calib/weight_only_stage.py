@@ -5,10 +5,12 @@ int8/fp8 are (`calib.quantize`), with a data-free sensitivity fallback.
     raw float ONNX --rewrite (MatMulNBits / blocked DequantizeLinear)--> candidate --ORT offline optimisation--> CPU
     gates: worst cosine of every stage output on held-out feeds (the denoise step: its update), mean PSNR of
            decoded frames against the float bundle, end to end
-    fallback: the layers whose weights lose most to quantization (noise-to-signal of W - deq(W)) move one level
-              up per round: 4 -> 8 bits -> float
+    fallback: the layers whose quantization costs their output most (activation-aware: the weight error weighted
+              by the mean square of each input channel on calibration calls) move one level up per round:
+              4 -> 8 bits -> float
 
-No calibration data is needed to quantize (round to nearest): the held-out requests only gate. Memory: the rewrite
+No calibration data is needed to quantize (round to nearest); two calibration requests rank the layers for the
+fallback, the held-out ones gate. Memory: the rewrite
 reads one weight at a time from the raw export's mapped data (`calib.weight_only_graph`).
 """
 
@@ -75,20 +77,44 @@ def embedding_spec(recipe: Recipe, stage: str, form: str) -> wo.BlockSpec | None
     return wo.BlockSpec(recipe.embedding_bits, recipe.block_size, recipe.symmetric)
 
 
-def sensitivity(raw: Path, layers: dict[str, int], recipe: Recipe) -> dict[str, float]:
-    """Per layer: the noise-to-signal ratio of its weight's quantization at its bits (data-free; one weight read
-    at a time from ``raw``'s mapped data)."""
+def sensitivity(raw: Path, layers: dict[str, int], recipe: Recipe, feeds: Sequence[dict] = ()) -> dict[str, float]:
+    """Per layer: the output error its weight's quantization causes relative to its output, activation-aware:
+    sum_k E[x_k^2] |dW_k|^2 / sum_k E[x_k^2] |W_k|^2 over input channels k, with E[x_k^2] measured on ``feeds``
+    (the held-out calls; `calib.activations` fetches the layer inputs in chunks). A layer reading outlier channels
+    ranks high even when its weights quantize as well as any other's (random weights all do). Without feeds: the
+    weight's own noise-to-signal ratio. Weights are read one at a time from ``raw``'s mapped data."""
     import onnx_ir as ir
 
     model = ir.load(str(raw))
     wg.fold_transposes(model.graph)
+    nodes = {wg.layer_name(n, n.inputs[1]): n for n in wg.weight_nodes(model.graph)[0]}
+    nodes = {name: n for name, n in nodes.items() if name in layers}
+    power = _input_power(raw, {name: n.inputs[0].name for name, n in nodes.items()}, feeds) if feeds else {}
     out = {}
-    for node in wg.weight_nodes(model.graph)[0]:
-        name = wg.layer_name(node, node.inputs[1])
-        if name in layers:
-            out[name] = wo.weight_error(node.inputs[1].const_value.numpy(),
-                                        wo.BlockSpec(layers[name], recipe.block_size, recipe.symmetric))
+    for name, node in nodes.items():
+        w = node.inputs[1].const_value.numpy()  # (K, N)
+        spec = wo.BlockSpec(layers[name], recipe.block_size, recipe.symmetric)
+        if name not in power:
+            out[name] = wo.weight_error(w, spec)
+            continue
+        d = wo.dequantize_blocks(wo.quantize_blocks(w, spec)) - w
+        p = power[name].astype(np.float64)
+        out[name] = float(p @ np.sum(np.square(d, dtype=np.float64), axis=1)
+                          / max(float(p @ np.sum(np.square(w, dtype=np.float64), axis=1)), 1e-30))
     return out
+
+
+def _input_power(raw: Path, inputs: dict[str, str], feeds: Sequence[dict]) -> dict[str, np.ndarray]:
+    """Layer name -> mean square of each input channel (last axis) of its input activation over ``feeds``."""
+    from metacanvas_deploy.calib.activations import Exposer
+
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
+    for tensor, value in Exposer(raw, sorted(set(inputs.values())))(feeds):
+        v = value.reshape(-1, value.shape[-1]).astype(np.float64)
+        sums[tensor] = sums.get(tensor, 0.0) + np.sum(np.square(v), axis=0)
+        counts[tensor] = counts.get(tensor, 0) + v.shape[0]
+    return {name: sums[t] / max(counts[t], 1) for name, t in inputs.items() if t in sums}
 
 
 def stage_worst(feeds: Sequence[dict], ours, theirs) -> tuple[float, float]:
@@ -194,8 +220,10 @@ def quantize_weight_only_stage(float_bundle: Path, raw: Path, recipe: Recipe, st
         if not layers or round_ == recipe.max_fallback_rounds:
             break
         if scores is None:
-            with phase("sensitivity"):
-                scores = sensitivity(raw, layers, recipe)
+            with phase("sensitivity"):  # ranked on the calibration split, never on the gate's own calls
+                calib_reqs = cap.requests(tuple(pipe.manifest.tasks), 2, (0,), "calibration")
+                feeds = cap.capture(pipe, stage, calib_reqs, min(steps, 2), workdir / f"{stage}.calib")
+                scores = sensitivity(raw, layers, recipe, feeds)
         fallback += _raise_level(layers, scores, recipe.fallback_fraction)
     raise AccuracyBudgetError(f"{stage}: {recipe.name} ({fmt}) misses its accuracy budget after {len(rounds)} rounds "
                               f"({len(fallback)} layer moves up): {metrics.shortfall(recipe)}. Relax the budget in "

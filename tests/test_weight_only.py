@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 
 import numpy as np
@@ -304,3 +305,23 @@ def test_bad_weight_only_requests_are_refused_before_any_export(tmp_path, monkey
             build(BuildConfig(out=tmp_path / "d", backbone="sana", **kwargs), log=lambda *a: None)
         assert not (tmp_path / "d").exists() and not (tmp_path / "d-fp32").exists()
 
+
+
+def test_the_fallback_raises_the_most_sensitive_layers_and_fails_with_numbers(planner_files, bundles, tmp_path):
+    """A budget w4 cannot meet: each round moves the most sensitive half of the 4-bit layers to 8 bits, then the
+    build fails naming the measured numbers."""
+    from metacanvas_deploy.calib.errors import AccuracyBudgetError
+    from metacanvas_deploy.calib.recipes import Budget
+    from metacanvas_deploy.calib.weight_only_stage import quantize_weight_only_stage
+
+    root, _, _ = planner_files
+    recipe = dataclasses.replace(recipe_for_backbone("sana", "w4"), **QUICK, max_fallback_rounds=2,
+                                 fallback_fraction=0.5, budget=Budget(min_psnr_db=30.0, min_stage_cosine=0.999999))
+    lines = []
+    with pytest.raises(AccuracyBudgetError, match=r"misses its accuracy budget after 3 rounds .* stage cosine"):
+        quantize_weight_only_stage(bundles["sana"], root / "fp32.onnx", recipe, "planner", tmp_path, threads=1,
+                                   log=lines.append)
+    counts = [tuple(int(x) for x in re.findall(r"(\d+) (?:layers )?in [48] bits", line)) for line in lines
+              if line.strip().startswith("round")]
+    assert counts[0][1] == 0 and [c[0] for c in counts] == sorted((c[0] for c in counts), reverse=True)
+    assert counts[-1][1] > counts[1][1] > 0  # layers moved up to 8 bits, none dropped to float yet
