@@ -76,10 +76,21 @@ def _divisor(k: int, block_size: int) -> int:
     return b if b >= 16 and k % b == 0 else 16
 
 
+# Columns are quantized in chunks of about this many elements: numpy's temporaries (|w|, w / scale, rint, clip) then
+# stay a few times 64 MiB even for the full-size planner's 545M-element embedding table.
+CHUNK_ELEMENTS = 1 << 24
+
+
 def quantize_blocks(w: np.ndarray, spec: BlockSpec) -> BlockQuantized:
-    """The reference block quantizer of a MatMul weight ``w`` (K, N). Deterministic float32 arithmetic."""
+    """The reference block quantizer of a MatMul weight ``w`` (K, N). Deterministic float32 arithmetic; columns are
+    independent, so quantizing them in chunks changes nothing."""
     k, n = w.shape
     check_divisible("the weight", k, spec.block_size)
+    step = max(1, CHUNK_ELEMENTS // k)
+    if n > step:
+        parts = [quantize_blocks(w[:, j:j + step], spec) for j in range(0, n, step)]
+        return BlockQuantized(np.concatenate([p.codes for p in parts]), np.concatenate([p.scales for p in parts]),
+                              np.concatenate([p.zero_points for p in parts]), spec)
     blocks = np.ascontiguousarray(np.asarray(w, np.float32).T).reshape(n, k // spec.block_size, spec.block_size)
     levels = np.float32((1 << spec.bits) - 1)
     if spec.symmetric:
@@ -148,7 +159,7 @@ def dequantize_linear_tensors(bq: BlockQuantized) -> dict[str, np.ndarray]:
 def gather_block_tensors(table: np.ndarray, spec: BlockSpec) -> dict[str, np.ndarray]:
     """GatherBlockQuantized's uint8 data, scales and (asymmetric) zero points for an embedding table (V, D),
     each row quantized in blocks along D (the reference quantizer on the table's transpose)."""
-    bq = quantize_blocks(np.ascontiguousarray(np.asarray(table, np.float32).T), spec)  # codes (V, D)
+    bq = quantize_blocks(np.asarray(table, np.float32).T, spec)  # a view; codes (V, D), rows quantized in chunks
     data = pack_nibbles(bq.codes) if spec.bits == 4 else bq.codes
     out = {"data": np.ascontiguousarray(data), "scales": bq.scales}
     if not spec.symmetric:

@@ -92,6 +92,17 @@ def test_every_graph_form_dequantizes_to_the_numpy_reference_bit_for_bit(spec):
     assert np.array_equal(sess.run(None, {"ids": ids})[0], want[ids])
 
 
+def test_quantizing_in_column_chunks_changes_nothing(monkeypatch):
+    """Large tables are quantized a few columns at a time (bounded temporaries): the same codes and scales."""
+    w = np.random.default_rng(1).standard_normal((64, 300)).astype(np.float32)
+    whole = [wo.quantize_blocks(w, s) for s in SPECS]
+    monkeypatch.setattr(wo, "CHUNK_ELEMENTS", 64 * 7)
+    for spec, a in zip(SPECS, whole):
+        b = wo.quantize_blocks(w, spec)
+        assert all(np.array_equal(x, y) for x, y in ((a.codes, b.codes), (a.scales, b.scales),
+                                                      (a.zero_points, b.zero_points)))
+
+
 def test_a_block_size_that_does_not_divide_k_is_refused():
     with pytest.raises(RecipeError, match="does not divide the input dimension K=48"):
         wo.quantize_blocks(np.ones((48, 4), np.float32), wo.BlockSpec(4, 32))
