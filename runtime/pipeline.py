@@ -80,7 +80,11 @@ class Pipeline:
     instead of copying them into private memory (no prepacking, no arena, no load-time optimisation:
     `runtime.engine`), so a stage larger than the free memory still runs, paging its weights in from the file.
     Results then differ from the copying sessions' by float32 rounding; mapped sessions agree with each other
-    bit for bit, resident or low-memory."""
+    bit for bit, resident or low-memory.
+
+    ``cache`` (a bundle built with ``--cache``, `runtime.step_cache`): "auto" follows the bundle's step-cache
+    schedule, "off" computes every step, a threshold replaces the bundle's; each call may override it. A
+    threshold for a bundle without step caching is refused here, before any engine opens."""
 
     def __init__(self, bundle: Bundle, threads: int | None = None, low_memory: bool = False,
                  verify_hashes: bool = True, mapped: bool | None = None, cache="auto"):
