@@ -75,16 +75,20 @@ class _Shared:
     dropped after the last: the writer holds one layer's codes at a time."""
 
     def __init__(self, make: Callable[[], dict[str, np.ndarray]], uses: int):
+        import threading
+
         self.make, self.uses, self.value = make, uses, None
+        self.lock = threading.Lock()  # onnx-ir may write external tensors from several threads
 
     def take(self, key: str) -> np.ndarray:
-        if self.value is None:
-            self.value = self.make()
-        out = self.value[key]
-        self.uses -= 1
-        if self.uses <= 0:
-            self.value, self.uses = None, 0
-        return out
+        with self.lock:
+            if self.value is None:
+                self.value = self.make()
+            out = self.value[key]
+            self.uses -= 1
+            if self.uses <= 0:
+                self.value, self.uses = None, 0
+            return out
 
 
 def _lazy_initializers(graph, prefix: str, shared: _Shared, shapes: dict[str, tuple[tuple, object]]) -> dict:
@@ -136,7 +140,8 @@ def _matmul(graph, node, spec: wo.BlockSpec, form: str, name: str) -> None:
         shared = _Shared(lambda: wo.matmul_nbits_tensors(wo.quantize_blocks(tensor.numpy(), spec)), len(shapes))
         inits = _lazy_initializers(graph, f"{weight.name}.q{spec.bits}", shared, shapes)
         new = ir.node("MatMulNBits", [node.inputs[0], *inits.values()], domain=MS_DOMAIN,
-                      attributes={"K": k, "N": n, "bits": spec.bits, "block_size": bs}, name=f"{node.name}.nbits")
+                      attributes={"K": k, "N": n, "bits": spec.bits, "block_size": bs},
+                      name=f"{node.name or weight.name}.nbits")
         _replace(graph, node, new)
     else:
         code = {(4, True): ir.DataType.INT4, (8, True): ir.DataType.INT8, (4, False): ir.DataType.UINT4,
@@ -166,7 +171,7 @@ def _gather(graph, node, spec: wo.BlockSpec) -> None:
     shared = _Shared(lambda: wo.gather_block_tensors(tensor.numpy(), spec), len(shapes))
     inits = _lazy_initializers(graph, f"{table.name}.q{spec.bits}", shared, shapes)
     ins = [inits["data"], node.inputs[1], inits["scales"], *([inits["zero_points"]] if not spec.symmetric else [])]
-    new = ir.node("GatherBlockQuantized", ins, domain=MS_DOMAIN, name=f"{node.name}.q{spec.bits}",
+    new = ir.node("GatherBlockQuantized", ins, domain=MS_DOMAIN, name=f"{node.name or table.name}.q{spec.bits}",
                   attributes={"gather_axis": 0, "quantize_axis": 1, "block_size": spec.block_size, "bits": spec.bits})
     _replace(graph, node, new)
     _drop_if_unused(graph, table)

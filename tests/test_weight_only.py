@@ -336,3 +336,27 @@ def test_the_fallback_raises_the_most_sensitive_layers_and_fails_with_numbers(pl
               if line.strip().startswith("round")]
     assert counts[0][1] == 0 and [c[0] for c in counts] == sorted((c[0] for c in counts), reverse=True)
     assert counts[-1][1] > counts[1][1] > 0  # layers moved up to 8 bits, none dropped to float yet
+
+
+@pytest.mark.parametrize("form", wg.FORMS)
+def test_a_quantized_graph_past_the_external_data_limit_is_written_aligned_and_computes_the_same(form, tmp_path,
+                                                                                                 monkeypatch):
+    """The full-size layout (quantized tensors in `<file>.data`, each at a 64 KiB offset for mapping; written from
+    onnx-ir's writer threads) on a tiny graph: the same outputs as the file that keeps them inline."""
+    from metacanvas_deploy.calib import graph as calib_graph
+    from metacanvas_deploy.runtime.onnx_external_data import misaligned
+
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("MatMul", ["x", "a.weight"], ["h"]), helper.make_node("MatMul", ["h", "b.weight"], ["y"])]
+    onnx.save(_model(nodes, [helper.make_tensor_value_info("x", 1, ["m", 256])],
+                     [helper.make_tensor_value_info("y", 1, ["m", 128])],
+                     [numpy_helper.from_array(rng.standard_normal((256, 256)).astype(np.float32), "a.weight"),
+                      numpy_helper.from_array(rng.standard_normal((256, 128)).astype(np.float32), "b.weight")],
+                     ms=False), str(tmp_path / "src.onnx"))
+    wg.rewrite_file(tmp_path / "src.onnx", tmp_path / "inline.onnx", lambda name: wo.BlockSpec(4, 32), form)
+    monkeypatch.setattr(calib_graph, "EXTERNAL_DATA_BYTES", 0)
+    wg.rewrite_file(tmp_path / "src.onnx", tmp_path / "ext.onnx", lambda name: wo.BlockSpec(4, 32), form)
+    assert (tmp_path / "ext.onnx.data").exists() and not misaligned(tmp_path / "ext.onnx", 65536)
+    x = rng.standard_normal((3, 256)).astype(np.float32)
+    a, b = (ort.InferenceSession(str(tmp_path / f"{n}.onnx")).run(None, {"x": x})[0] for n in ("inline", "ext"))
+    assert np.array_equal(a, b)
