@@ -84,12 +84,14 @@ class Recipe:
     stage_formats: tuple[tuple[str, str], ...] = ()
     stage_keep_float: tuple[tuple[str, str], ...] = ()
     # weight-only (w8/w4, `calib.weight_only`): block length along K (a power of 2 >= 16 dividing every
-    # quantized layer's K), symmetric or affine blocks, embedding tables too (ONNX Runtime's
-    # GatherBlockQuantized), and the gate of a stage built straight from a checkpoint without a float bundle:
+    # quantized layer's K), symmetric or affine blocks, embedding tables in embedding_bits (ONNX Runtime's
+    # GatherBlockQuantized; 8 by default even for w4: every token's embedding carries its error into the whole
+    # LM, and the small SANA planner's w4 gate missed by 0.02 in cosine with a 4-bit table; None: float), and the
+    # gate of a stage built straight from a checkpoint without a float bundle:
     # min cosine / max-rel of its outputs against the PyTorch fp32 stage (`mc_export.weight_only_build`)
     block_size: int = 32
     symmetric: bool = True
-    quantize_embeddings: bool = True
+    embedding_bits: int | None = 8
     streamed_min_cosine: float = 0.99
     streamed_max_rel: float = 1.0
 
@@ -134,6 +136,8 @@ class Recipe:
                 raise RecipeError(f"recipe {self.name}: stage {stage} format must be one of {FORMATS}, got {fmt!r}")
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise RecipeError(f"recipe {self.name}: block_size must be a power of 2 >= 16, got {self.block_size}")
+        if self.embedding_bits not in (None, 4, 8):
+            raise RecipeError(f"recipe {self.name}: embedding_bits must be 4, 8 or null, got {self.embedding_bits!r}")
         if not 0.0 < self.streamed_min_cosine <= 1.0 or self.streamed_max_rel <= 0:
             raise RecipeError(f"recipe {self.name}: streamed_min_cosine in (0, 1], streamed_max_rel > 0")
 
@@ -192,8 +196,14 @@ def weight_only_recipe(backbone: str, precision: str, keep_float: tuple[str, ...
                        ) -> Recipe:
     """The shipped weight-only recipe: ``precision`` (w8 / w4) round-to-nearest, symmetric blocks of 32 along K,
     on the planner (the LLM: its weights are most of a bundle's bytes) and the DiT step; the VAE stays float (a
-    convolutional decoder, the last thing before pixels). Budget as int8's: 30 dB end to end, stage cosine 0.99.
-    Fallback: the worst quarter of the 4-bit layers to 8 bits (8-bit ones to float) per round."""
+    convolutional decoder, the last thing before pixels). Budget: 30 dB end to end as int8's; the stage cosine
+    0.99 for w8, 0.98 for w4 (4-bit weights cost the small SANA planner 0.95 with every layer in 4 bits, 0.983
+    with the most sensitive 20 of 28 moved to 8 bits, at 33 dB end to end). The gate without a float bundle (lazy
+    weights, against PyTorch fp32 at the gate shapes): cosine 0.99 for w8, 0.95 for w4. Fallback: the most
+    sensitive quarter of the 4-bit layers to 8 bits (8-bit ones to float) per round, up to 8 rounds."""
+    four = precision == "w4"
     return Recipe(name=f"{backbone}-{precision}-rtn-b32", format=precision, stages=stages, per_channel_weights=False,
                   calibration="minmax", reduce_range=False, keep_float=tuple(keep_float),
-                  stage_keep_float=tuple(stage_keep_float), max_fallback_rounds=4, fallback_fraction=0.25)
+                  stage_keep_float=tuple(stage_keep_float), max_fallback_rounds=8, fallback_fraction=0.25,
+                  budget=Budget(min_psnr_db=30.0, min_stage_cosine=0.98 if four else 0.99),
+                  streamed_min_cosine=0.95 if four else 0.99)
