@@ -165,7 +165,6 @@ class BuildConfig:
             raise BuildError(f"--precision {precision} cannot be built for {target} yet; this machine can "
                              f"build: {', '.join(SUPPORTED[target])} ({target}){gpu_hint}")
 
-
     def _check_export_only(self) -> None:
         """--export-only: a TensorRT export (no GPU needed here) of a precision an export can carry."""
         from metacanvas_deploy.mc_export.tensorrt.export_folder import WEIGHTS_DTYPE
@@ -179,6 +178,7 @@ class BuildConfig:
                              "needs calibration against a float bundle and a quantized-engine gate on the GPU "
                              "machine, which exports do not carry yet: build it on the GPU machine with `python -m "
                              f"mc_export build --target tensorrt --precision {self.precision}`")
+
     def _check_cache(self) -> None:
         """--cache: off, auto or a threshold, with the options it cannot combine with refused before any work."""
         from metacanvas_deploy.runtime.limits import check_real
