@@ -53,7 +53,8 @@ def report(bundle: str | Path, float_bundle: str | Path | None = None, threads: 
     for stage, rec in stages.items():
         recipe = Recipe.from_json(rec["recipe"])
         lines += [f"## stage `{stage}`: recipe {recipe.name} ({rec['recipe_sha256'][:12]}), "
-                  f"{rec['quantized_layers']} layers in {recipe.format}, {len(rec['kept_float'])} kept float, "
+                  f"{rec['quantized_layers']} layers in {rec.get('precision', recipe.format)}, "
+                  f"{len(rec['kept_float'])} kept float, "
                   f"{len(rec['fallback'])} moved back by the fallback loop", ""]
     recipe = Recipe.from_json(next(iter(stages.values()))["recipe"])
     reqs = cap.requests(tuple(pipe.manifest.tasks), recipe.held_out_prompts, recipe.held_out_seeds, "held_out")
