@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -168,6 +169,45 @@ def _raise_level(layers: dict[str, int], scores: dict[str, float], fraction: flo
     return moved
 
 
+class _Peaks(dict):
+    """Phase -> peak resident MiB (the memory held when it began included), as `calib.quantize` records them."""
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        with rss_phase() as record:
+            yield
+        self[name] = round(max(self.get(name, 0.0), record["peak_mb"]), 1)
+
+
+@dataclass
+class _HeldOut:
+    """The float pipeline and what the gate compares against: held-out requests, one request's stage calls, the
+    float frames."""
+
+    pipe: object
+    reqs: list
+    feeds: Sequence[dict]
+    frames: list
+    steps: int
+
+
+def _held_out(float_bundle: Path, recipe: Recipe, stage: str, workdir: Path, threads, low_memory: bool) -> _HeldOut:
+    from metacanvas_deploy.runtime.pipeline import Pipeline
+
+    pipe = Pipeline.load(float_bundle, threads=threads, low_memory=low_memory)
+    reqs = cap.requests(tuple(pipe.manifest.tasks), recipe.held_out_prompts, recipe.held_out_seeds, "held_out")
+    steps = recipe.evaluation_steps
+    feeds = cap.capture(pipe, stage, reqs[:1], steps, workdir / f"{stage}.held")
+    return _HeldOut(pipe, reqs, feeds, [cap.run(pipe, req, steps).frames for req in reqs], steps)
+
+
+def _scores(held: _HeldOut, raw: Path, layers: dict[str, int], recipe: Recipe, stage: str, workdir: Path) -> dict:
+    """The fallback's ranking, on two calibration requests (never the gate's own calls)."""
+    calib_reqs = cap.requests(tuple(held.pipe.manifest.tasks), 2, (0,), "calibration")
+    feeds = cap.capture(held.pipe, stage, calib_reqs, min(held.steps, 2), workdir / f"{stage}.calib")
+    return sensitivity(raw, layers, recipe, feeds)
+
+
 def quantize_weight_only_stage(float_bundle: Path, raw: Path, recipe: Recipe, stage: str, workdir: Path,
                                threads: int | None = None, log=print, low_memory: bool = False,
                                form: str = "matmulnbits") -> QuantizedStage:
@@ -175,27 +215,12 @@ def quantize_weight_only_stage(float_bundle: Path, raw: Path, recipe: Recipe, st
     most sensitive layers' precision until the budget holds. ``form``: "matmulnbits" (ONNX Runtime) or
     "dequantize" (TensorRT; gated here on ONNX Runtime's CPU kernels). Raises AccuracyBudgetError with the numbers
     when even the last round misses."""
-    from metacanvas_deploy.runtime.pipeline import Pipeline
-
-    workdir = Path(workdir)
-    peaks: dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def phase(name: str):
-        with rss_phase() as record:
-            yield
-        peaks[name] = round(max(peaks.get(name, 0.0), record["peak_mb"]), 1)
-
+    workdir, peaks = Path(workdir), _Peaks()
     shapes = wg.candidates(raw)
     layers = plan_layers(recipe, stage, shapes)
     kept = sorted(n for n in shapes if n not in layers)
-    with phase("capture"):
-        pipe = Pipeline.load(float_bundle, threads=threads, low_memory=low_memory)
-        held_reqs = cap.requests(tuple(pipe.manifest.tasks), recipe.held_out_prompts, recipe.held_out_seeds,
-                                 "held_out")
-        steps = recipe.evaluation_steps
-        held_feeds = cap.capture(pipe, stage, held_reqs[:1], steps, workdir / f"{stage}.held")
-        float_frames = [cap.run(pipe, req, steps).frames for req in held_reqs]
+    with peaks.phase("capture"):
+        held = _held_out(float_bundle, recipe, stage, workdir, threads, low_memory)
     fallback: list[str] = []
     rounds: list[dict] = []
     scores = None
@@ -204,11 +229,11 @@ def quantize_weight_only_stage(float_bundle: Path, raw: Path, recipe: Recipe, st
         folder = workdir / f"{stage}.wo{round_}"
         folder.mkdir(exist_ok=True)
         candidate, cpu = folder / f"{stage}.{form}.onnx", folder / f"{stage}.onnx"
-        with phase("quantize"):
+        with peaks.phase("quantize"):
             done = wg.rewrite_file(raw, candidate, chooser(layers, recipe), form, embedding_spec(recipe, stage, form))
             optimize_for_ort(candidate, cpu)
-        with phase("evaluate"):
-            metrics = evaluate(pipe, stage, cpu, held_feeds, held_reqs, float_frames, steps, threads)
+        with peaks.phase("evaluate"):
+            metrics = evaluate(held.pipe, stage, cpu, held.feeds, held.reqs, held.frames, held.steps, threads)
         counts = {b: sum(1 for v in layers.values() if v == b) for b in (4, 8)}
         rounds.append({"layers_4bit": counts[4], "layers_8bit": counts[8], **metrics.to_json()})
         log(f"  round {round_}: {counts[4]} layers in 4 bits, {counts[8]} in 8 bits ({fmt}): "
@@ -216,14 +241,12 @@ def quantize_weight_only_stage(float_bundle: Path, raw: Path, recipe: Recipe, st
         if metrics.passes(recipe):
             ops = op_counts(onnx.load(str(cpu), load_external_data=False))
             return QuantizedStage(candidate, cpu, sorted(done.layers), kept, fallback, metrics, rounds,
-                                  {op: ops[op] for op in WEIGHT_ONLY_OPS if ops[op]}, peaks)
+                                  {op: ops[op] for op in WEIGHT_ONLY_OPS if ops[op]}, dict(peaks))
         if not layers or round_ == recipe.max_fallback_rounds:
             break
         if scores is None:
-            with phase("sensitivity"):  # ranked on the calibration split, never on the gate's own calls
-                calib_reqs = cap.requests(tuple(pipe.manifest.tasks), 2, (0,), "calibration")
-                feeds = cap.capture(pipe, stage, calib_reqs, min(steps, 2), workdir / f"{stage}.calib")
-                scores = sensitivity(raw, layers, recipe, feeds)
+            with peaks.phase("sensitivity"):
+                scores = _scores(held, raw, layers, recipe, stage, workdir)
         fallback += _raise_level(layers, scores, recipe.fallback_fraction)
     raise AccuracyBudgetError(f"{stage}: {recipe.name} ({fmt}) misses its accuracy budget after {len(rounds)} rounds "
                               f"({len(fallback)} layer moves up): {metrics.shortfall(recipe)}. Relax the budget in "
