@@ -248,6 +248,10 @@ def test_a_w4_bundle_built_straight_from_the_checkpoint_needs_no_float_bundle(st
     req = cap.requests(("t2i",), 1, (1000,), "held_out")[0]
     ours, ref = Pipeline.load(out, threads=1), Pipeline.load(bundles["sana"], threads=1)  # same weights
     assert psnr(cap.run(ours, req, 3).frames, cap.run(ref, req, 3).frames) >= 30.0
+    # verify re-runs the weight-only gates against PyTorch (no float bundle to compare with)
+    from metacanvas_deploy.mc_export.build import verify
+
+    assert sum(line.startswith("planner") for line in verify(out)) == 4  # 2 outputs x 2 cases
 
 
 # --- bundles: per-stage precision, gated against the float bundle; straight from the checkpoint -------------------
