@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from metacanvas_deploy.mc_export.components.ranges import BuildRanges, default_ranges
+from metacanvas_deploy.mc_export.device import gpu_identity
 from metacanvas_deploy.mc_export.errors import BuildError, ConfigError, StageParityError
 from metacanvas_deploy.mc_export.quantized import build_quantized, recipe_for
-from metacanvas_deploy.mc_export.writer import build_float, cache_key, cached, gpu_identity, weights_hash
+from metacanvas_deploy.mc_export.writer import build_float, cache_key, cached, weights_hash
 from metacanvas_deploy.runtime.limits import MAX_FRAMES, MAX_PROMPT_TOKENS, MAX_SEED, MAX_SIDE, MAX_STEPS, check_int
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8", "w8", "w4")

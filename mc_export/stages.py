@@ -183,8 +183,8 @@ def _gate_engine(final: Path, entry, cfg):
     if cfg.target == "tensorrt":
         return _trt_runner(final, entry)
     if cfg.target == "onnxruntime-gpu":
+        from metacanvas_deploy.mc_export.device import gpu_identity
         from metacanvas_deploy.mc_export.ort_gpu import cuda_runner
-        from metacanvas_deploy.mc_export.writer import gpu_identity
         from metacanvas_deploy.runtime.bundle_verify import sha256_file
 
         # the entry as the bundle will hold it: TensorRT's provider then caches its engine where a load finds it

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from metacanvas_deploy.mc_export.components.ranges import BuildRanges
+from metacanvas_deploy.mc_export.device import gpu_identity
 from metacanvas_deploy.runtime.errors import MetaCanvasRuntimeError
 from metacanvas_deploy.runtime.manifest import BUNDLE_FORMAT, SCHEMA_VERSION, Manifest
 
@@ -44,24 +45,6 @@ def tool_versions(target: str = "onnxruntime") -> dict[str, str]:
 
         versions["tensorrt"] = tensorrt.__version__
     return versions
-
-
-def gpu_identity(cfg) -> dict | None:
-    """The GPU a TensorRT build is for (name, compute capability, TensorRT/CUDA versions); None for the CPU.
-    Checks the precision against the GPU first: a clear error instead of a failure deep in the builder."""
-    if cfg.target == "onnxruntime-gpu":
-        from metacanvas_deploy.runtime.ort_cuda import GPU_PROVIDERS, cuda_identity
-
-        return {**cuda_identity(), "provider": GPU_PROVIDERS[cfg.ort_provider]}
-    if cfg.target != "tensorrt":
-        return None
-    from metacanvas_deploy.mc_export.tensorrt.precision import check_precision
-    from metacanvas_deploy.runtime.trt_engine import device_identity
-
-    identity = device_identity()
-    for precision in cfg.precisions() if hasattr(cfg, "precisions") else (cfg.precision,):  # mixed: each stage's
-        check_precision(precision, identity)
-    return identity
 
 
 def cache_key(cfg, model, ranges: BuildRanges, steps: int, weights_digest: str, recipe=None) -> str:
