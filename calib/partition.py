@@ -21,12 +21,14 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
 from onnx import helper
 
 from metacanvas_deploy.calib.errors import RecipeError
 
 _SCOPES = "pkg.torch.onnx.name_scopes"
+_SMALL = 1024  # elements: shapes, axes and scalars keep their values for shape inference
 
 
 @dataclass(frozen=True)
@@ -129,9 +131,9 @@ def extract(model: onnx.ModelProto, segment: Segment, path: Path) -> None:
     g = model.graph
     types = {v.name: v for v in (*g.value_info, *g.input, *g.output)}
     missing = [t for t in (*segment.inputs, *segment.outputs) if t not in types]
-    if missing:  # the exporter annotates nearly every tensor; infer the rest on the graph alone
-        inferred = onnx.shape_inference.infer_shapes(model).graph
-        types.update({v.name: v for v in inferred.value_info})
+    if missing:  # the exporter annotates nearly every tensor; `annotate` adds the rest once per pass
+        annotate(model)
+        types.update({v.name: v for v in g.value_info})
     nodes = g.node[segment.start:segment.stop]
     inits = set(segment.initializers)
     inner = {t for n in nodes for t in n.output}
@@ -142,6 +144,29 @@ def extract(model: onnx.ModelProto, segment: Segment, path: Path) -> None:
     seg = helper.make_model(sub, opset_imports=list(model.opset_import), ir_version=model.ir_version)
     seg.functions.extend(model.functions)
     onnx.save(seg, str(path))
+
+
+def annotate(model: onnx.ModelProto) -> None:
+    """Add the types shape inference finds to ``model``'s value_info, inferring on a copy without the weights'
+    bytes (a segment boundary needs a type; the exporter leaves some tensors unannotated). Small tensors keep
+    their values: a Reshape's target shape is one, and without it nothing after the Reshape gets a shape."""
+    g = model.graph
+    stubs = []
+    for t in g.initializer:
+        if int(np.prod(t.dims)) <= _SMALL and t.data_location != onnx.TensorProto.EXTERNAL:
+            stubs.append(t)
+            continue
+        stub = onnx.TensorProto(name=t.name, data_type=t.data_type, dims=t.dims,  # the bytes are not copied
+                                data_location=onnx.TensorProto.EXTERNAL)
+        stub.external_data.add(key="location", value="none")
+        stubs.append(stub)
+    light = helper.make_model(helper.make_graph(list(g.node), g.name, list(g.input), list(g.output), stubs,
+                                                value_info=list(g.value_info)),
+                              opset_imports=list(model.opset_import), ir_version=model.ir_version)
+    light.functions.extend(model.functions)
+    known = {v.name for v in model.graph.value_info}
+    model.graph.value_info.extend(v for v in onnx.shape_inference.infer_shapes(light).graph.value_info
+                                  if v.name not in known)
 
 
 def _typed(types: dict, name: str) -> onnx.ValueInfoProto:
