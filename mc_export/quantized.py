@@ -15,6 +15,7 @@ the layers kept or moved back to float and the measured accuracy (`build.quantiz
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -101,10 +102,10 @@ def build_quantized(cfg, model, recipe: Recipe, ranges, steps: int, weights_dige
             replaced = {rel for stage in recipe.stages for rel in m.engines[stage].external_data}
             files = {rel: "" for rel in m.files if rel not in replaced}
             for rel in files:
-                shutil.copyfile(float_bundle.path / rel, tmp / rel)
+                share(float_bundle.path / rel, tmp / rel)
             for stage, entry in m.engines.items():
                 if stage not in recipe.stages:
-                    shutil.copyfile(float_bundle.path / entry.file, tmp / entry.file)
+                    share(float_bundle.path / entry.file, tmp / entry.file)
             files.update({rel: "" for stage in recipe.stages for rel in engines[stage].external_data})
             gates = dict(m.build.get("parity", {}))
             gates.update({stage: "against the float bundle (build.quantization)" for stage in recipe.stages})
@@ -159,6 +160,16 @@ def _raw_export(comp, scratch: Path, model, target: str) -> Path:
     raw = scratch / f"{comp.spec.stage}.raw.onnx"
     export_component(comp, raw, weights=getattr(model, "lazy_weights", None), fused_attention=target != "tensorrt")
     return raw
+
+
+def share(src: Path, dst: Path) -> None:
+    """A float stage the quantized bundle ships unchanged: a hard link to the float bundle's file where the
+    filesystem allows (a full-size planner is 30 GB; no bundle file is ever written in place, a rebuilt bundle
+    is a new folder renamed over the old one, so the link keeps the bytes it was verified with), else a copy."""
+    try:
+        os.link(src, dst)
+    except OSError:  # another filesystem, or links not supported
+        shutil.copyfile(src, dst)
 
 
 def _place_quantized(q, comp, float_entry, tmp: Path, cfg, log):

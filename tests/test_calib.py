@@ -331,6 +331,9 @@ def test_an_int8_bundle_records_its_recipe_and_runs_on_integer_kernels(int8_bund
     assert record["recipe_sha256"] == recipe.digest() and Recipe.from_json(record["recipe"]) == recipe
     assert manifest["engines"]["denoise"]["precision"] == "int8"
     assert manifest["engines"]["planner"]["precision"] == "fp32"  # the planner and VAE stay float
+    for stage in ("planner", "vae_decoder"):  # shipped unchanged: hard links to the float bundle's files, no copy
+        rel = manifest["engines"][stage]["file"]
+        assert (path / rel).stat().st_ino == (path.parent / "sana-fp32" / rel).stat().st_ino
     assert manifest["engines"]["denoise"]["external_data"] == ["denoise.onnx.data"]
     assert set(record["peak_rss_mb"]) == {"capture", "calibrate", "quantize", "evaluate"}  # no fallback ran
     assert sum(integer_kernels(onnx.load(str(path / "denoise.onnx"))).values()) > 0
