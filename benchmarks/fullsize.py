@@ -43,6 +43,7 @@ result = {{}}
 {body}
 stop.set()
 print("FULLSIZE " + json.dumps({{**result, "peak_private_mb": round(peak[0], 1)}}))
+sys.exit(result.get("exit") or 0)  # a build that failed is the child's exit status
 """
 
 _BUILD = """

@@ -313,3 +313,7 @@ def test_fullsize_benchmark_records_build_and_request_costs(tmp_path):
                 reference=tmp_path / "ref.npy")
     assert np.load(tmp_path / "ref.npy").shape == (1, 64, 64, 3)
     assert again["generate"]["psnr_db_vs_reference"] == float("inf") and "dB PSNR" in markdown(again)
+    # a build the compiler refuses (main returns 2, the child process itself ends normally) is a failed build:
+    # reported with its status, nothing generated
+    failed = run(tmp_path / "ckpt", tmp_path / "refused", 64, 64, 1, 2, "a fox", build_args=("--steps", "0"))
+    assert failed["build"]["exit_status"] == 2 and "generate" not in failed and not (tmp_path / "refused").exists()
