@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import onnx
@@ -130,6 +131,7 @@ def _stage(comp, tmp: Path, cfg, recipe: Recipe, weights, log):
     stage_cfg = dataclasses.replace(cfg, precision=fmt, recipe=None, stage_precision=())
     with tempfile.TemporaryDirectory(prefix="wo-") as scratch, rss_phase() as memory:
         raw = Path(scratch) / f"{stage}.onnx"
+        started = time.perf_counter()
         log(f"  {stage}: exporting {fmt}, weights quantized as they stream")
         export_component(comp, raw, weights=weights, fused_attention=cfg.target != "tensorrt", log=log,
                          graph_transform=quantize)
@@ -143,14 +145,16 @@ def _stage(comp, tmp: Path, cfg, recipe: Recipe, weights, log):
             entry = comp.spec.engine_entry(final.name, "onnxruntime", ort.__version__, fmt,
                                            external_data=(data.name,) if data.exists() else ())
             engine = final
+        exported = time.perf_counter()
         rows, skipped = gate_stage(comp, engine, weights, tolerance(recipe), log) if cfg.verify else ([], "--no-verify")
+        gated = time.perf_counter()
     gate = f"not gated: {skipped}" if skipped else "passed (weight-only tolerance, against PyTorch fp32)"
     if rows:
         worst = min(rows, key=lambda r: r.cosine)
         log(f"  {stage}: {len(done.get('layers', {}))} layers in {fmt}; gate ok (worst cosine {worst.cosine:.6f} on {worst.output}, max_rel "
             f"{max(r.max_rel for r in rows):.2e})")
     ops = op_counts(onnx.load(str(final), load_external_data=False)) if cfg.target != "tensorrt" else {}
-    record = {"bytes": sum(f.stat().st_size for f in (final, *(tmp / n for n in entry.external_data))),
+    record = {"export_s": round(exported - started, 2), "gate_s": round(gated - exported, 2), "bytes": sum(f.stat().st_size for f in (final, *(tmp / n for n in entry.external_data))),
               "peak_rss_mb": round(memory["peak_mb"], 1), "end_private_mb": memory["end_private_mb"]}
     quant = {"recipe": recipe.to_json(), "recipe_sha256": recipe.digest(), "precision": fmt,
              "quantized_layers": len(done.get("layers", {})), **done,

@@ -242,6 +242,8 @@ def test_a_w4_bundle_built_straight_from_the_checkpoint_needs_no_float_bundle(st
         "planner": "w4", "denoise": "w4", "vae_decoder": "fp32"}
     assert all(r["cosine"] >= 0.99 for s in q["stages"].values() for r in s["gate"]["rows"])
     assert q["stages"]["planner"]["kernels"]["MatMulNBits"] >= q["stages"]["planner"]["quantized_layers"] >= 10
+    costs = m["build"]["stages"]  # each streamed stage's cost, as a float stage records it
+    assert all(costs[s]["export_s"] > 0 and costs[s]["gate_s"] > 0 and costs[s]["bytes"] > 0 for s in q["stages"])
     from metacanvas_deploy.calib import capture as cap
     from metacanvas_deploy.calib.quantize import psnr
 
