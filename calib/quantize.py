@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -293,6 +294,7 @@ def quantize_stage(float_bundle: Path, raw: Path, recipe: Recipe, stage: str, wo
                                   sorted({w for w in layers.values() if recipe.keeps_float(w)}),
                                   [layers[n] for n in fallback], metrics, rounds,
                                   integer_kernels(onnx.load(str(cpu), load_external_data=False)), peaks)
+        shutil.rmtree(workdir / f"round{round_}")  # a missed round's graphs are not used again (~9 GB at full size)
         if not nodes or round_ == recipe.max_fallback_rounds:
             break
         if scores is None:

@@ -310,6 +310,7 @@ def test_the_fallback_loop_moves_the_most_sensitive_layers_and_fails_with_number
                        log=lines.append, low_memory=True)  # the float pipeline one stage at a time
     counts = [int(line.split(":")[1].split()[0]) for line in lines if line.strip().startswith("round")]
     assert len(counts) == 3 and counts[0] > counts[1] > counts[2]  # half of what is left, each round
+    assert not list(tmp_path.glob("round*"))  # each missed round's graphs removed as the next begins (disk)
 
 
 # --- the build and the report ---------------------------------------------------------------------------------
