@@ -154,7 +154,8 @@ def _stage(comp, tmp: Path, cfg, recipe: Recipe, weights, log):
         log(f"  {stage}: {len(done.get('layers', {}))} layers in {fmt}; gate ok (worst cosine {worst.cosine:.6f} on {worst.output}, max_rel "
             f"{max(r.max_rel for r in rows):.2e})")
     ops = op_counts(onnx.load(str(final), load_external_data=False)) if cfg.target != "tensorrt" else {}
-    record = {"export_s": round(exported - started, 2), "gate_s": round(gated - exported, 2), "bytes": sum(f.stat().st_size for f in (final, *(tmp / n for n in entry.external_data))),
+    written = sum(f.stat().st_size for f in (final, *(tmp / n for n in entry.external_data)))
+    record = {"export_s": round(exported - started, 2), "gate_s": round(gated - exported, 2), "bytes": written,
               "peak_rss_mb": round(memory["peak_mb"], 1), "end_private_mb": memory["end_private_mb"]}
     quant = {"recipe": recipe.to_json(), "recipe_sha256": recipe.digest(), "precision": fmt,
              "quantized_layers": len(done.get("layers", {})), **done,
