@@ -5,8 +5,9 @@ from __future__ import annotations
 
 
 def gpu_identity(cfg) -> dict | None:
-    """The GPU a TensorRT build is for (name, compute capability, TensorRT/CUDA versions); None for the CPU.
-    Checks the precision against the GPU first: a clear error instead of a failure deep in the builder."""
+    """The GPU a TensorRT or onnxruntime-gpu build is for (name, compute capability, TensorRT or execution-provider
+    and CUDA versions); None for the CPU. A TensorRT build's precisions are checked against the GPU first: a clear
+    error instead of a failure deep in the builder."""
     if cfg.target == "onnxruntime-gpu":
         from metacanvas_deploy.runtime.ort_cuda import GPU_PROVIDERS, cuda_identity
 
