@@ -14,9 +14,9 @@ in the whole graph, call by call in the same order: both passes run ONNX Runtime
 (FP8 amax) ranges are equal bit for bit, and so are the histogram-based ones (percentile, entropy: each
 tensor's histogram grows from the same calls in the same order); tests/test_calib_blockwise.py checks both.
 
-Quantization itself stays whole-graph (`calib.quantize.quantize_model` over the ranges this pass writes): the
-quantizer needs no activations, only the graph and its weights, and cutting it per block would mean stitching
-Q/DQ graphs back together; the memory this pass bounds is the calibration's (weights plus activations).
+Quantization follows the same cut (`calib.qdq.quantize_model` with ``by_block``): ONNX Runtime's quantizer runs on
+one segment at a time over the ranges this pass writes, and the quantized segments are stitched back into one
+graph, the same nodes and the same weights as the whole-graph quantizer's (tests/test_calib_blockwise.py).
 
 The state (``state.json``: which segments are done, under an identity: recipe digest, the float model's stage
 hash, the raw graph's hash) sits in a folder the caller keeps across runs (the build: ``<out>.calib/<stage>``);

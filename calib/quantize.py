@@ -3,14 +3,16 @@ budget holds (or fail with the measured numbers).
 
     float bundle --capture--> calibration feeds (every step, both CFG rows) and held-out requests
     raw float ONNX --fold transposes [--SmoothQuant]--> prepared --ORT calibrator--> activation ranges (cached)
-    prepared + ranges + layers --ORT QDQ quantizer--> QDQ ONNX (TensorRT's explicit quantization takes it)
+    prepared + ranges + layers --ORT QDQ quantizer (block by block)--> QDQ ONNX (TensorRT's explicit quantization
+                                                                          takes it)
     QDQ --ORT offline optimisation--> the CPU model (integer kernels: MatMulInteger / QLinearConv ...)
     gates: per-stage cosine of the step's update on held-out feeds; mean PSNR of decoded frames vs float
 
 Memory: one stage at a time. Capture runs the float bundle's engines and writes each call's feeds to disk
 (`calib.capture.FeedStore`). Calibration, sensitivity and SmoothQuant read the calls one at a time, once per
 chunk of activations (`calib.activations`: at most a quarter of the available memory per chunk). Evaluation
-holds the float and the quantized copies of the quantized stage only.
+holds the float and the quantized copies of the quantized stage only. A block recipe quantizes one block at a
+time too (`calib.qdq`), so INT8 never holds the stage's float weights whole.
 """
 
 from __future__ import annotations
@@ -272,6 +274,7 @@ def quantize_stage(float_bundle: Path, raw: Path, recipe: Recipe, stage: str, wo
     log(f"  peak RSS: capture {peaks['capture'] / 1024:.1f} GiB, calibration {peaks['calibrate'] / 1024:.1f} GiB")
     fallback: list[str] = []
     rounds: list[dict] = []
+    by_block = recipe.calibration_pass == "block"  # INT8's quantizer on one block at a time too
     progress = Progress(f"{stage}: quantize and evaluate (rounds, at most)", recipe.max_fallback_rounds + 1, None,
                         unit_bytes=False)
     for round_ in range(recipe.max_fallback_rounds + 1):
@@ -280,7 +283,7 @@ def quantize_stage(float_bundle: Path, raw: Path, recipe: Recipe, stage: str, wo
         qdq, cpu = workdir / f"round{round_}" / f"{stage}.qdq.onnx", workdir / f"round{round_}" / f"{stage}.onnx"
         log(f"  quantizing {len(nodes)} layers (round {round_}), then evaluating on {len(held_reqs)} held-out requests")
         with phase("quantize"), quiet_quantizer():
-            quantize_model(prepared, qdq, recipe, nodes, ranges)
+            quantize_model(prepared, qdq, recipe, nodes, ranges, by_block=by_block)
             optimize_for_ort(qdq, cpu)
         with phase("evaluate"):
             metrics = evaluate(pipe, stage, cpu, held_feeds, held_reqs, float_frames, steps, threads, log)

@@ -25,6 +25,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from onnx import numpy_helper
 
 from metacanvas_deploy.calib import blockwise as bw
 from metacanvas_deploy.calib.activations import session_options
@@ -194,13 +195,50 @@ def test_the_quantized_stage_and_its_gate_match_the_whole_graph_pass(bundles, tm
         (tmp_path / mode).mkdir()
         out[mode] = quantize_stage(bundles["sana"], raw, recipe, "denoise", tmp_path / mode, threads=1,
                                    log=lines.append, state_dir=tmp_path / f"{mode}.state")
-    assert out["block"].qdq_path.read_bytes() == out["whole"].qdq_path.read_bytes()
+    assert _same_graph(out["block"].qdq_path, out["whole"].qdq_path)  # quantized block by block, stitched
     assert out["block"].metrics == out["whole"].metrics and out["block"].quantized == out["whole"].quantized
     assert any(line.startswith("denoise: block 1/1 (transformer.transformer_blocks.0): ") and "left" in line
                for line in lines), lines
     assert any(line.startswith("denoise: capture (requests): ") for line in lines)
     assert "WARNING" not in capfd.readouterr().err
     shutil.rmtree(tmp_path / "block.state")
+
+
+def _same_graph(a: Path, b: Path) -> bool:
+    """The same nodes (op, inputs, outputs; the order may differ where the graph allows) and the same initializers,
+    bit for bit: the same computation."""
+    ga, gb = (onnx.load(str(p)).graph for p in (a, b))
+    key = sorted((n.op_type, n.domain, tuple(n.input), tuple(n.output)) for n in ga.node)
+    if key != sorted((n.op_type, n.domain, tuple(n.input), tuple(n.output)) for n in gb.node):
+        return False
+    wa, wb = ({t.name: numpy_helper.to_array(t) for t in g.initializer} for g in (ga, gb))
+    return wa.keys() == wb.keys() and all(wa[k].dtype == wb[k].dtype and np.array_equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.parametrize("backbone", ["sana", "flux"])
+def test_int8_quantized_block_by_block_is_the_whole_graph_quantizers_graph(stages, backbone, tmp_path):
+    """ONNX Runtime's quantizer run on one segment at a time (`calib.qdq` ``by_block``: the stage's float weights
+    never held whole) and the segments stitched back: the whole-graph quantizer's nodes and weights, bit for bit
+    (the side tensors every block reads get one shared Q/DQ pair, as in the whole graph); the same outputs bit for
+    bit, as the Q/DQ graph and after ONNX Runtime's offline optimisation (integer kernels). Nothing left behind."""
+    from metacanvas_deploy.calib.graph import optimize_for_ort
+    from metacanvas_deploy.calib.qdq import quantize_model
+
+    prepared, nodes, calls, recipe = _prepared(stages, backbone, "int8", tmp_path)
+    calibrate(prepared, nodes, calls, recipe, tmp_path / "ranges.json", threads=1)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for mode in ("whole", "block"):
+        (tmp_path / mode).mkdir()
+        quantize_model(prepared, tmp_path / mode / "q.onnx", recipe, nodes, tmp_path / "ranges.json",
+                       by_block=mode == "block")
+        optimize_for_ort(tmp_path / mode / "q.onnx", tmp_path / mode / "cpu.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*before, "whole", "block"])
+    assert _same_graph(tmp_path / "block" / "q.onnx", tmp_path / "whole" / "q.onnx")
+    assert sum(n.op_type == "QuantizeLinear" for n in onnx.load(str(tmp_path / "block" / "q.onnx")).graph.node) > 4
+    for name in ("q.onnx", "cpu.onnx"):
+        outs = [ort.InferenceSession(str(tmp_path / mode / name), providers=["CPUExecutionProvider"]).run(None, f)
+                for mode in ("whole", "block") for f in calls[2:]]
+        assert all(np.array_equal(a, b) for x, y in zip(outs[:2], outs[2:]) for a, b in zip(x, y))
 
 
 def test_a_stage_with_external_weights_is_prepared_and_quantized_without_loading_them(stages, tmp_path):
@@ -231,8 +269,12 @@ def test_a_stage_with_external_weights_is_prepared_and_quantized_without_loading
     assert all(np.array_equal(a, b) for a, b in zip(*outs))
     int8 = recipe_for_backbone("sana", "int8")  # ONNX Runtime's quantizer reads the linked weights too
     calibrate(tmp_path / "p.onnx", nodes, calls[:1], int8, tmp_path / "int8.json", threads=1)
-    quantize_model(tmp_path / "p.onnx", tmp_path / "q8.onnx", int8, nodes, tmp_path / "int8.json")
-    assert ort.InferenceSession(str(tmp_path / "q8.onnx"), providers=["CPUExecutionProvider"]).run(None, calls[0])
+    for by_block in (False, True):  # block by block: each segment's own weights are read (and its int8 copy kept)
+        q8 = tmp_path / f"q8.{by_block}.onnx"
+        quantize_model(tmp_path / "p.onnx", q8, int8, nodes, tmp_path / "int8.json", by_block=by_block)
+        assert ort.InferenceSession(str(q8), providers=["CPUExecutionProvider"]).run(None, calls[0])
+    assert _same_graph(tmp_path / "q8.True.onnx", tmp_path / "q8.False.onnx")
+    assert not [p.name for p in tmp_path.iterdir() if ".block" in p.name]
 
 
 def test_the_build_refuses_a_bad_block_recipe_or_a_foreign_state_in_one_line(tmp_path):
