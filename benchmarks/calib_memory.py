@@ -13,6 +13,9 @@ recipes, calls drawn from the component spec):
 
     python -m benchmarks.calib_memory --passes sana [--preset small --calls 4 --out JSON]
 
+The INT8 quantizer (ONNX Runtime's) on the same stage, whole and block by block (`calib.qdq`, ``by_block``),
+on the ranges of the INT8 pass, is measured there too.
+
 Each case runs in a fresh process (the kernel's high-water mark is per process).
 """
 
@@ -99,6 +102,32 @@ def _pass_case(raw: Path, backbone: str, fmt: str, mode: str, calls: int, preset
             "peak_over_start_mib": round(mem["peak_mb"] - start, 1), "scope": mem["scope"]}
 
 
+def _quantize_case(raw: Path, backbone: str, by_block: bool) -> dict:
+    """ONNX Runtime's INT8 quantizer over the INT8 pass's prepared stage and ranges, in this process."""
+    import time
+
+    import onnx
+
+    from metacanvas_deploy.calib.graph import weight_layers
+    from metacanvas_deploy.calib.qdq import quantize_model
+    from metacanvas_deploy.calib.quiet import quiet_quantizer
+    from metacanvas_deploy.mc_export.backbones import recipe_for_backbone
+    from metacanvas_deploy.runtime.memory import rss_phase, status_kb
+
+    recipe = recipe_for_backbone(backbone, "int8")
+    prepared = raw.with_name("whole.int8.prepared.onnx")  # the candidates as `calib.quantize.prepare` names them
+    nodes = [n for n, w in weight_layers(onnx.load(str(prepared), load_external_data=False)).items()
+             if not recipe.keeps_float(w)]
+    start = (status_kb("VmRSS") or 0) / 1024.0
+    t0 = time.perf_counter()
+    with rss_phase() as mem, quiet_quantizer():
+        quantize_model(prepared, raw.with_name(f"q.{by_block}.onnx"), recipe, nodes,
+                       raw.with_name("whole.int8.json"), by_block=by_block)
+    return {"quantize": "block" if by_block else "whole", "layers": len(nodes),
+            "seconds": round(time.perf_counter() - t0, 1), "start_mib": round(start, 1),
+            "peak_over_start_mib": round(mem["peak_mb"] - start, 1), "scope": mem["scope"]}
+
+
 def run_passes(backbone: str, preset: str, calls: int) -> dict:
     """The whole-graph and the block pass, INT8 and FP8, on ``backbone``'s ``preset`` denoise stage; the ranges of
     the two passes compared too (equal, as tests/test_calib_blockwise.py asserts at tiny size)."""
@@ -128,8 +157,24 @@ def run_passes(backbone: str, preset: str, calls: int) -> dict:
             whole, block = (load_ranges(Path(tmp) / f"{m}.{fmt}.json") for m in ("whole", "block"))
             equal[fmt] = whole.keys() == block.keys() and all(
                 np.array_equal(whole[t].range_value, block[t].range_value) for t in whole)
+        quantize = [in_fresh_process("benchmarks.calib_memory", "_quantize_case", raw, backbone, by_block)
+                    for by_block in (False, True)]
+        equal["int8_quantized_graphs"] = same_graph(raw.with_name("q.False.onnx"), raw.with_name("q.True.onnx"))
     return {"backbone": backbone, "preset": preset, "calls": calls, "stage_weights_mib": round(weights / 2**20, 1),
-            "cases": cases, "ranges_equal": equal}
+            "cases": cases, "quantize": quantize, "equal": equal}
+
+
+def same_graph(a: Path, b: Path) -> bool:
+    """The same nodes (op, inputs, outputs; the order may differ where the graph allows) and the same
+    initializers, bit for bit: the same computation."""
+    import onnx
+    from onnx import numpy_helper
+
+    ga, gb = (onnx.load(str(p)).graph for p in (a, b))
+    nodes = [sorted((n.op_type, n.domain, tuple(n.input), tuple(n.output)) for n in g.node) for g in (ga, gb)]
+    wa, wb = ({t.name: numpy_helper.to_array(t) for t in g.initializer} for g in (ga, gb))
+    return nodes[0] == nodes[1] and wa.keys() == wb.keys() and all(
+        wa[k].dtype == wb[k].dtype and np.array_equal(wa[k], wb[k]) for k in wa)
 
 
 def main(argv: list[str] | None = None) -> int:

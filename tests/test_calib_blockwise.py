@@ -25,8 +25,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import numpy_helper
 
+from benchmarks.calib_memory import same_graph
 from metacanvas_deploy.calib import blockwise as bw
 from metacanvas_deploy.calib.activations import session_options
 from metacanvas_deploy.calib.capture import check_calibration_set
@@ -195,24 +195,13 @@ def test_the_quantized_stage_and_its_gate_match_the_whole_graph_pass(bundles, tm
         (tmp_path / mode).mkdir()
         out[mode] = quantize_stage(bundles["sana"], raw, recipe, "denoise", tmp_path / mode, threads=1,
                                    log=lines.append, state_dir=tmp_path / f"{mode}.state")
-    assert _same_graph(out["block"].qdq_path, out["whole"].qdq_path)  # quantized block by block, stitched
+    assert same_graph(out["block"].qdq_path, out["whole"].qdq_path)  # quantized block by block, stitched
     assert out["block"].metrics == out["whole"].metrics and out["block"].quantized == out["whole"].quantized
     assert any(line.startswith("denoise: block 1/1 (transformer.transformer_blocks.0): ") and "left" in line
                for line in lines), lines
     assert any(line.startswith("denoise: capture (requests): ") for line in lines)
     assert "WARNING" not in capfd.readouterr().err
     shutil.rmtree(tmp_path / "block.state")
-
-
-def _same_graph(a: Path, b: Path) -> bool:
-    """The same nodes (op, inputs, outputs; the order may differ where the graph allows) and the same initializers,
-    bit for bit: the same computation."""
-    ga, gb = (onnx.load(str(p)).graph for p in (a, b))
-    key = sorted((n.op_type, n.domain, tuple(n.input), tuple(n.output)) for n in ga.node)
-    if key != sorted((n.op_type, n.domain, tuple(n.input), tuple(n.output)) for n in gb.node):
-        return False
-    wa, wb = ({t.name: numpy_helper.to_array(t) for t in g.initializer} for g in (ga, gb))
-    return wa.keys() == wb.keys() and all(wa[k].dtype == wb[k].dtype and np.array_equal(wa[k], wb[k]) for k in wa)
 
 
 @pytest.mark.parametrize("backbone", ["sana", "flux"])
@@ -233,7 +222,7 @@ def test_int8_quantized_block_by_block_is_the_whole_graph_quantizers_graph(stage
                        by_block=mode == "block")
         optimize_for_ort(tmp_path / mode / "q.onnx", tmp_path / mode / "cpu.onnx")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*before, "whole", "block"])
-    assert _same_graph(tmp_path / "block" / "q.onnx", tmp_path / "whole" / "q.onnx")
+    assert same_graph(tmp_path / "block" / "q.onnx", tmp_path / "whole" / "q.onnx")
     assert sum(n.op_type == "QuantizeLinear" for n in onnx.load(str(tmp_path / "block" / "q.onnx")).graph.node) > 4
     for name in ("q.onnx", "cpu.onnx"):
         outs = [ort.InferenceSession(str(tmp_path / mode / name), providers=["CPUExecutionProvider"]).run(None, f)
@@ -273,7 +262,7 @@ def test_a_stage_with_external_weights_is_prepared_and_quantized_without_loading
         q8 = tmp_path / f"q8.{by_block}.onnx"
         quantize_model(tmp_path / "p.onnx", q8, int8, nodes, tmp_path / "int8.json", by_block=by_block)
         assert ort.InferenceSession(str(q8), providers=["CPUExecutionProvider"]).run(None, calls[0])
-    assert _same_graph(tmp_path / "q8.True.onnx", tmp_path / "q8.False.onnx")
+    assert same_graph(tmp_path / "q8.True.onnx", tmp_path / "q8.False.onnx")
     assert not [p.name for p in tmp_path.iterdir() if ".block" in p.name]
 
 
