@@ -30,7 +30,7 @@ from metacanvas_deploy.mc_export import writer as w
 from metacanvas_deploy.mc_export.backbones import mixed_recipe_for_backbone, recipe_for_backbone
 from metacanvas_deploy.mc_export.errors import ConfigError
 from metacanvas_deploy.mc_export.export.onnx_export import export_component
-from metacanvas_deploy.mc_export.stages import plan_stages, tensorrt_engine
+from metacanvas_deploy.mc_export.stages import plan_stages, ships_raw, tensorrt_engine
 from metacanvas_deploy.mc_export.weight_only_build import build_streamed, check_stages, streams
 from metacanvas_deploy.runtime.bundle import load_bundle, write_bundle
 from metacanvas_deploy.runtime.manifest_fields import thaw
@@ -83,8 +83,9 @@ def build_quantized(cfg, model, recipe: Recipe, ranges, steps: int, weights_dige
         scratch = Path(scratch)
         if w.cached(float_cfg.out, float_key):
             log(f"{float_cfg.out}: float bundle up to date (cache key {float_key[:12]})")
-            raws = {stage: _raw_export(components[stage], scratch, model, cfg.target) for stage in recipe.stages}
-        else:  # None: the bundle ships that stage's raw export as it is (a lazy stage too large to optimise)
+            raws = {stage: None if ships_raw(components[stage], getattr(model, "lazy_weights", None), cfg.target)
+                    else _raw_export(components[stage], scratch, model, cfg.target) for stage in recipe.stages}
+        else:  # None (here and above): the bundle ships that stage's raw export as it is (`stages.ships_raw`)
             raws = w.build_float(float_cfg, model, ranges, steps, float_key, log, raw_dir=scratch,
                                  keep_raw=recipe.stages)
         float_bundle = load_bundle(float_cfg.out)
@@ -177,9 +178,9 @@ def _place_quantized(q, comp, float_entry, tmp: Path, cfg, log):
     ships the optimised graph, integer kernels fused (named as the bundle names it)."""
     if cfg.target == "tensorrt":
         return tensorrt_engine(comp, q.qdq_path, tmp, cfg, log)[1]
-    shutil.copyfile(q.cpu_path, tmp / q.cpu_path.name)
-    data = external_data(q.cpu_path)
+    data = external_data(q.cpu_path)  # moved out of the calibration's scratch (one copy of a 5 GB DiT on disk)
+    shutil.move(q.cpu_path, tmp / q.cpu_path.name)
     if data is not None:
-        shutil.copyfile(data, tmp / data.name)
+        shutil.move(data, tmp / data.name)
     return dataclasses.replace(float_entry, file=q.cpu_path.name, sha256="", size_bytes=0, precision=cfg.precision,
                                external_data=(data.name,) if data is not None else ())

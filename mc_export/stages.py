@@ -80,12 +80,17 @@ def gate_stage(comp: Component, engine, weights=None, tolerance=None, log=None) 
     return rows, ""
 
 
-def _place(raw: Path, final: Path, weights, comp: Component) -> None:
-    """ORT's offline optimisation into the bundle, or (a lazy stage larger than the memory budget: ORT would
-    hold all of it) the raw export moved as it is; ORT then optimises at load time."""
+def ships_raw(comp: Component, weights, target: str) -> bool:
+    """Whether an ONNX Runtime CPU bundle's file for this stage is its raw export as it is: a lazy stage larger
+    than the memory budget (ONNX Runtime's offline optimisation would hold all of it; it optimises at load)."""
     from metacanvas_deploy.mc_export.models.lazy import fp32_bytes, memory_budget
 
-    if weights is not None and fp32_bytes(comp.module()) > memory_budget():
+    return target == "onnxruntime" and weights is not None and fp32_bytes(comp.module()) > memory_budget()
+
+
+def _place(raw: Path, final: Path, weights, comp: Component) -> None:
+    """ORT's offline optimisation into the bundle, or (`ships_raw`) the raw export moved as it is."""
+    if ships_raw(comp, weights, "onnxruntime"):
         for src in (raw, raw.with_name(raw.name + ".data")):
             if src.exists():
                 shutil.move(src, final.with_name(final.name + src.name[len(raw.name):]))

@@ -233,3 +233,31 @@ def test_a_lazy_export_folds_weight_transposes_into_the_file(checkpoint, tmp_pat
     assert any(name.endswith(".T") for name in inits)
     with lazy.materialized(comp.module(), model.lazy_weights):
         assert parity_gate(comp, tmp_path / "planner.onnx")
+
+
+def test_a_quantized_build_on_a_cached_float_bundle_quantizes_its_raw_stage_file(checkpoint, tmp_path, monkeypatch):
+    """A lazy stage over the memory budget ships its raw export (`stages.ships_raw`: too big for ONNX Runtime's
+    offline optimisation). A quantized build that finds its float bundle in the cache quantizes that very file
+    (never exported again: a full-size DiT is 20 GB more on disk), and gets what the build that made the float
+    bundle in the same pass got: the same FP8 stage, byte for byte."""
+    import dataclasses
+
+    from metacanvas_deploy.mc_export import quantized
+    from metacanvas_deploy.mc_export.backbones import recipe_for_backbone
+
+    model = MetaCanvas.from_pretrained(checkpoint, lazy=True)
+    denoise = lazy.fp32_bytes(plan_stages(model, resolve_ranges(model, ()))["denoise"].module())
+    monkeypatch.setattr(lazy, "memory_budget", lambda: denoise - 1)
+    recipe = dataclasses.replace(recipe_for_backbone("sana", "fp8"), calibration_prompts=2, calibration_steps=2,
+                                 held_out_prompts=1, held_out_seeds=(1000,), evaluation_steps=2)
+    cfg = BuildConfig(out=tmp_path / "a", checkpoint=checkpoint, precision="fp8", steps=2, lazy_weights="on",
+                      recipe=recipe)
+    build(cfg, log=lambda *a: None)
+
+    def exported_again(*args, **kwargs):
+        raise AssertionError("the float bundle's raw denoise file was exported again")
+
+    monkeypatch.setattr(quantized, "_raw_export", exported_again)
+    build(dataclasses.replace(cfg, out=tmp_path / "b", float_bundle=tmp_path / "a-fp32"), log=lambda *a: None)
+    a, b = (load_bundle(tmp_path / n).manifest.engines["denoise"] for n in ("a", "b"))
+    assert a.precision == b.precision == "fp8" and a.sha256 == b.sha256
