@@ -30,7 +30,7 @@ from metacanvas_deploy.mc_export import writer as w
 from metacanvas_deploy.mc_export.backbones import mixed_recipe_for_backbone, recipe_for_backbone
 from metacanvas_deploy.mc_export.errors import ConfigError
 from metacanvas_deploy.mc_export.export.onnx_export import export_component
-from metacanvas_deploy.mc_export.stages import plan_stages, ships_raw, tensorrt_engine
+from metacanvas_deploy.mc_export.stages import plan_stages, tensorrt_engine
 from metacanvas_deploy.mc_export.weight_only_build import build_streamed, check_stages, streams
 from metacanvas_deploy.runtime.bundle import load_bundle, write_bundle
 from metacanvas_deploy.runtime.manifest_fields import thaw
@@ -83,9 +83,11 @@ def build_quantized(cfg, model, recipe: Recipe, ranges, steps: int, weights_dige
         scratch = Path(scratch)
         if w.cached(float_cfg.out, float_key):
             log(f"{float_cfg.out}: float bundle up to date (cache key {float_key[:12]})")
-            raws = {stage: None if ships_raw(components[stage], getattr(model, "lazy_weights", None), cfg.target)
+            shipped = thaw(load_bundle(float_cfg.out).manifest.build.get("stages", {}))
+            raws = {stage: None if shipped.get(stage, {}).get("raw_export")
                     else _raw_export(components[stage], scratch, model, cfg.target) for stage in recipe.stages}
-        else:  # None (here and above): the bundle ships that stage's raw export as it is (`stages.ships_raw`)
+        else:  # None (here and above): the bundle ships that stage's raw export as it is (a lazy stage too large
+            # to optimise: its record's ``raw_export``), and quantization starts from that file
             raws = w.build_float(float_cfg, model, ranges, steps, float_key, log, raw_dir=scratch,
                                  keep_raw=recipe.stages)
         float_bundle = load_bundle(float_cfg.out)

@@ -80,22 +80,19 @@ def gate_stage(comp: Component, engine, weights=None, tolerance=None, log=None) 
     return rows, ""
 
 
-def ships_raw(comp: Component, weights, target: str) -> bool:
-    """Whether an ONNX Runtime CPU bundle's file for this stage is its raw export as it is: a lazy stage larger
-    than the memory budget (ONNX Runtime's offline optimisation would hold all of it; it optimises at load)."""
+def _place(raw: Path, final: Path, weights, comp: Component) -> bool:
+    """ORT's offline optimisation into the bundle, or (a lazy stage larger than the memory budget: ORT would
+    hold all of it) the raw export moved as it is; ORT then optimises at load time. Returns whether the bundle's
+    file is the raw export (the stage record's ``raw_export``: a quantized build then starts from that file)."""
     from metacanvas_deploy.mc_export.models.lazy import fp32_bytes, memory_budget
 
-    return target == "onnxruntime" and weights is not None and fp32_bytes(comp.module()) > memory_budget()
-
-
-def _place(raw: Path, final: Path, weights, comp: Component) -> None:
-    """ORT's offline optimisation into the bundle, or (`ships_raw`) the raw export moved as it is."""
-    if ships_raw(comp, weights, "onnxruntime"):
+    if weights is not None and fp32_bytes(comp.module()) > memory_budget():
         for src in (raw, raw.with_name(raw.name + ".data")):
             if src.exists():
                 shutil.move(src, final.with_name(final.name + src.name[len(raw.name):]))
-        return
+        return True
     optimize_for_ort(raw, final)
+    return False
 
 
 @dataclass
@@ -142,6 +139,7 @@ def _write_stage(comp: Component, raw: Path, bundle_dir: Path, cfg, log, weights
     stage = comp.spec.stage
     started = time.perf_counter()
     export_component(comp, raw, weights=weights, fused_attention=cfg.target != "tensorrt", log=log)
+    shipped_raw = False
     if cfg.target == "tensorrt":
         final, entry = tensorrt_engine(comp, raw, bundle_dir, cfg, log)
     else:
@@ -151,7 +149,7 @@ def _write_stage(comp: Component, raw: Path, bundle_dir: Path, cfg, log, weights
 
             prepare(raw, final, cfg.precision, raw.parent)
         else:
-            _place(raw, final, weights, comp)
+            shipped_raw = _place(raw, final, weights, comp)
         entry = comp.spec.engine_entry(final.name, "onnxruntime", ort.__version__, cfg.precision,
                                        external_data=_external(bundle_dir, stage))
     exported = time.perf_counter()
@@ -168,7 +166,8 @@ def _write_stage(comp: Component, raw: Path, bundle_dir: Path, cfg, log, weights
             log(f"  {stage}: parity gate skipped: {skipped}")
     written = sum(f.stat().st_size for f in (final, *(bundle_dir / n for n in entry.external_data)))
     return entry, gate, {"export_s": round(exported - started, 2),
-                         "gate_s": round(time.perf_counter() - exported, 2), "bytes": written}
+                         "gate_s": round(time.perf_counter() - exported, 2), "bytes": written,
+                         "raw_export": shipped_raw}
 
 
 def _external(bundle_dir: Path, stage: str) -> tuple[str, ...]:
