@@ -13,8 +13,8 @@ recipes, calls drawn from the component spec):
 
     python -m benchmarks.calib_memory --passes sana [--preset small --calls 4 --out JSON]
 
-The INT8 quantizer (ONNX Runtime's) on the same stage, whole and block by block (`calib.qdq`, ``by_block``),
-on the ranges of the INT8 pass, is measured there too.
+The INT8 quantizer (ONNX Runtime's) on the same stage in the full-size layout (weights in external data), whole
+and block by block (`calib.qdq`, ``by_block``), on the ranges of the INT8 pass, is measured there too.
 
 Each case runs in a fresh process (the kernel's high-water mark is per process).
 """
@@ -103,21 +103,19 @@ def _pass_case(raw: Path, backbone: str, fmt: str, mode: str, calls: int, preset
 
 
 def _quantize_case(raw: Path, backbone: str, by_block: bool) -> dict:
-    """ONNX Runtime's INT8 quantizer over the INT8 pass's prepared stage and ranges, in this process."""
+    """ONNX Runtime's INT8 quantizer over the stage in the full-size file layout (weights in external data, as a
+    lazy export writes them) with the INT8 pass's ranges, in this process."""
     import time
 
-    import onnx
-
-    from metacanvas_deploy.calib.graph import weight_layers
     from metacanvas_deploy.calib.qdq import quantize_model
+    from metacanvas_deploy.calib.quantize import prepare
     from metacanvas_deploy.calib.quiet import quiet_quantizer
     from metacanvas_deploy.mc_export.backbones import recipe_for_backbone
     from metacanvas_deploy.runtime.memory import rss_phase, status_kb
 
     recipe = recipe_for_backbone(backbone, "int8")
-    prepared = raw.with_name("whole.int8.prepared.onnx")  # the candidates as `calib.quantize.prepare` names them
-    nodes = [n for n, w in weight_layers(onnx.load(str(prepared), load_external_data=False)).items()
-             if not recipe.keeps_float(w)]
+    prepared = raw.with_name(f"lazy.{by_block}.prepared.onnx")  # the graph; its weights the lazy copy's data
+    _, nodes = prepare(raw.with_name("lazy.onnx"), prepared, recipe, [])
     start = (status_kb("VmRSS") or 0) / 1024.0
     t0 = time.perf_counter()
     with rss_phase() as mem, quiet_quantizer():
@@ -131,6 +129,10 @@ def _quantize_case(raw: Path, backbone: str, by_block: bool) -> dict:
 def run_passes(backbone: str, preset: str, calls: int) -> dict:
     """The whole-graph and the block pass, INT8 and FP8, on ``backbone``'s ``preset`` denoise stage; the ranges of
     the two passes compared too (equal, as tests/test_calib_blockwise.py asserts at tiny size)."""
+    import onnx
+
+    from metacanvas_deploy.calib.external_data import save_aligned
+    from metacanvas_deploy.calib.graph import fold_weight_transposes
     from metacanvas_deploy.calib.ranges import load_ranges
     from metacanvas_deploy.mc_export.build import resolve_ranges
     from metacanvas_deploy.mc_export.export.onnx_export import export_component
@@ -157,6 +159,7 @@ def run_passes(backbone: str, preset: str, calls: int) -> dict:
             whole, block = (load_ranges(Path(tmp) / f"{m}.{fmt}.json") for m in ("whole", "block"))
             equal[fmt] = whole.keys() == block.keys() and all(
                 np.array_equal(whole[t].range_value, block[t].range_value) for t in whole)
+        save_aligned(fold_weight_transposes(onnx.load(str(raw))), Path(tmp) / "lazy.onnx")  # the full-size layout
         quantize = [in_fresh_process("benchmarks.calib_memory", "_quantize_case", raw, backbone, by_block)
                     for by_block in (False, True)]
         equal["int8_quantized_graphs"] = same_graph(raw.with_name("q.False.onnx"), raw.with_name("q.True.onnx"))

@@ -153,7 +153,7 @@ def evaluate(pipe, stage: str, candidate: Path, held_feeds, held_reqs, float_fra
     return StageMetrics(values, cos, rel)
 
 
-def _raise_level(layers: dict[str, int], scores: dict[str, float], fraction: float) -> list[str]:
+def raise_level(layers: dict[str, int], scores: dict[str, float], fraction: float) -> list[str]:
     """Move the most sensitive ``fraction`` of the layers at the lowest precision one level up (4 -> 8 bits,
     8 bits -> float: removed). Returns what moved, as 'name -> w8' / 'name -> float'."""
     low = min(layers.values())
@@ -247,7 +247,7 @@ def quantize_weight_only_stage(float_bundle: Path, raw: Path, recipe: Recipe, st
         if scores is None:
             with peaks.phase("sensitivity"):
                 scores = _scores(held, raw, layers, recipe, stage, workdir)
-        fallback += _raise_level(layers, scores, recipe.fallback_fraction)
+        fallback += raise_level(layers, scores, recipe.fallback_fraction)
     raise AccuracyBudgetError(f"{stage}: {recipe.name} ({fmt}) misses its accuracy budget after {len(rounds)} rounds "
                               f"({len(fallback)} layer moves up): {metrics.shortfall(recipe)}. Relax the budget in "
                               "a recipe file (--recipe), raise max_fallback_rounds, use w8, or build fp32")

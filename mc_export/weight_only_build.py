@@ -28,12 +28,13 @@ from pathlib import Path
 import onnx
 
 from metacanvas_deploy.calib import weight_only_graph as wg
+from metacanvas_deploy.calib.errors import AccuracyBudgetError
 from metacanvas_deploy.calib.graph import op_counts
 from metacanvas_deploy.calib.recipes import WEIGHT_ONLY, Recipe
 from metacanvas_deploy.calib.weight_only_stage import WEIGHT_ONLY_OPS, chooser, embedding_spec
 from metacanvas_deploy.mc_export import writer as w
 from metacanvas_deploy.mc_export.components.spec_data import Tolerance
-from metacanvas_deploy.mc_export.errors import ConfigError
+from metacanvas_deploy.mc_export.errors import ConfigError, StageParityError
 from metacanvas_deploy.mc_export.export.onnx_export import export_component
 from metacanvas_deploy.mc_export.stages import gate_stage, plan_stages, tensorrt_engine, write_stages
 from metacanvas_deploy.runtime.bundle import write_bundle
@@ -114,16 +115,81 @@ def build_streamed(cfg, model, recipe: Recipe, ranges, steps: int, key: str, log
 
 def _stage(comp, tmp: Path, cfg, recipe: Recipe, weights, log):
     """One weight-only stage: exported quantized while streaming, placed (ORT) or built (TensorRT), gated against
-    PyTorch. Returns (entry, gate verdict, stage record, quantization record)."""
-    import onnxruntime as ort
+    PyTorch; a missed gate moves the layers whose weights quantize worst one level up (4 -> 8 bits -> float, the
+    recipe's ``fallback_fraction`` of those at the lowest level per round, at most ``max_fallback_rounds``) and
+    exports again. Returns (entry, gate verdict, stage record, quantization record)."""
+    from metacanvas_deploy.calib.weight_only_stage import plan_layers, raise_level
 
-    from metacanvas_deploy.calib.weight_only_stage import plan_layers
+    stage = comp.spec.stage
+    fmt = recipe.format_of(stage)
+    layers = plan_layers(recipe, stage, linear_shapes(comp.module()))
+    rounds, moved, scores = [], [], None
+    for round_ in range(recipe.max_fallback_rounds + 1):
+        done: dict = {}
+        try:
+            entry, rows, skipped, record = _attempt(comp, tmp, cfg, recipe, weights, layers, done, log)
+        except StageParityError as e:
+            for name in set(layers) - set(done.get("layers", {})):  # a module the stage's graph does not run
+                del layers[name]
+            rounds.append({**_counts(layers), "gate": str(e)})
+            if not layers or round_ == recipe.max_fallback_rounds:
+                raise AccuracyBudgetError(
+                    f"{stage}: {recipe.name} ({fmt}) misses its gate against PyTorch fp32 after {len(rounds)} "
+                    f"rounds ({len(moved)} layer moves up): {e}. Relax streamed_min_cosine / streamed_max_rel in a "
+                    "recipe file (--recipe), raise max_fallback_rounds, use w8, or build fp32") from e
+            if scores is None:
+                scores = weight_scores(comp.module(), weights, layers, recipe, log, stage)
+            was = rounds[-1]
+            step = raise_level(layers, scores, recipe.fallback_fraction)
+            moved += step
+            log(f"  {stage}: round {round_} ({was['layers_4bit']} layers in 4 bits, {was['layers_8bit']} in 8) "
+                f"missed its gate; {len(step)} layers move up ({step[0]}{', ...' if len(step) > 1 else ''}), "
+                "exporting again")
+            continue
+        rounds.append({**_counts(layers), "gate": "passed" if rows else f"not gated: {skipped}"})
+        break
+    gate = f"not gated: {skipped}" if skipped else "passed (weight-only tolerance, against PyTorch fp32)"
+    final = tmp / entry.file
+    ops = op_counts(onnx.load(str(final), load_external_data=False)) if cfg.target != "tensorrt" else {}
+    quant = {"recipe": recipe.to_json(), "recipe_sha256": recipe.digest(), "precision": fmt,
+             "quantized_layers": len(done.get("layers", {})), **done, "fallback": moved, "rounds": rounds,
+             "kernels": {op: n for op, n in ops.items() if op in WEIGHT_ONLY_OPS},
+             "gate": {"tolerance": dataclasses.asdict(tolerance(recipe)), "rows": [dataclasses.asdict(r) for r in rows]}}
+    return entry, gate, record, quant
+
+
+def _counts(layers: dict[str, int]) -> dict[str, int]:
+    return {"layers_4bit": sum(b == 4 for b in layers.values()), "layers_8bit": sum(b == 8 for b in layers.values())}
+
+
+def weight_scores(module, weights, layers: dict[str, int], recipe: Recipe, log=None, label: str = "stage"
+                  ) -> dict[str, float]:
+    """The streamed fallback's ranking: each layer's weight noise-to-signal ratio at its bit width
+    (`calib.weight_only.weight_error`), data-free (there is no float bundle to capture activations from), each
+    weight read from the checkpoint on its own."""
+    from metacanvas_deploy.calib import weight_only as wo
+    from metacanvas_deploy.mc_export.progress import Progress
+
+    refs = weights.refs(module)
+    progress = Progress(f"{label}: quantization error of {len(layers)} layers", len(layers), log, unit_bytes=False)
+    out = {}
+    for name, bits in layers.items():
+        w = refs[name].load().numpy().T  # (K, N), as the export stores it
+        out[name] = wo.weight_error(w, wo.BlockSpec(bits, recipe.block_size, recipe.symmetric))
+        progress.update(1)
+    progress.close()
+    return out
+
+
+def _attempt(comp, tmp: Path, cfg, recipe: Recipe, weights, layers: dict[str, int], done: dict, log):
+    """Export ``layers`` (weight name -> bits) quantized while streaming (the rewrite's record into ``done``),
+    place or build it, gate it (raises StageParityError on a miss). Returns (entry, gate rows, why not gated,
+    stage record)."""
+    import onnxruntime as ort
 
     stage = comp.spec.stage
     fmt = recipe.format_of(stage)
     form = "dequantize" if cfg.target == "tensorrt" else "matmulnbits"
-    layers = plan_layers(recipe, stage, linear_shapes(comp.module()))
-    done: dict = {}
 
     def quantize(ir_model) -> None:
         done.update(wg.rewrite(ir_model, chooser(layers, recipe), form, embedding_spec(recipe, stage, form)).to_json())
@@ -148,20 +214,15 @@ def _stage(comp, tmp: Path, cfg, recipe: Recipe, weights, log):
         exported = time.perf_counter()
         rows, skipped = gate_stage(comp, engine, weights, tolerance(recipe), log) if cfg.verify else ([], "--no-verify")
         gated = time.perf_counter()
-    gate = f"not gated: {skipped}" if skipped else "passed (weight-only tolerance, against PyTorch fp32)"
     if rows:
         worst = min(rows, key=lambda r: r.cosine)
-        log(f"  {stage}: {len(done.get('layers', {}))} layers in {fmt}; gate ok (worst cosine {worst.cosine:.6f} on {worst.output}, max_rel "
-            f"{max(r.max_rel for r in rows):.2e})")
-    ops = op_counts(onnx.load(str(final), load_external_data=False)) if cfg.target != "tensorrt" else {}
+        bits = list(done.get("layers", {}).values())
+        log(f"  {stage}: {len(bits)} layers in {fmt} ({bits.count(4)} in 4 bits, {bits.count(8)} in 8); gate ok "
+            f"(worst cosine {worst.cosine:.6f} on {worst.output}, max_rel {max(r.max_rel for r in rows):.2e})")
     written = sum(f.stat().st_size for f in (final, *(tmp / n for n in entry.external_data)))
     record = {"export_s": round(exported - started, 2), "gate_s": round(gated - exported, 2), "bytes": written,
               "peak_rss_mb": round(memory["peak_mb"], 1), "end_private_mb": memory["end_private_mb"]}
-    quant = {"recipe": recipe.to_json(), "recipe_sha256": recipe.digest(), "precision": fmt,
-             "quantized_layers": len(done.get("layers", {})), **done,
-             "kernels": {op: n for op, n in ops.items() if op in WEIGHT_ONLY_OPS},
-             "gate": {"tolerance": dataclasses.asdict(tolerance(recipe)), "rows": [dataclasses.asdict(r) for r in rows]}}
-    return entry, gate, record, quant
+    return entry, rows, skipped, record
 
 
 def _place(raw: Path, final: Path) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import shutil
 
@@ -366,3 +367,42 @@ def test_a_quantized_graph_past_the_external_data_limit_is_written_aligned_and_c
     x = rng.standard_normal((3, 256)).astype(np.float32)
     a, b = (ort.InferenceSession(str(tmp_path / f"{n}.onnx")).run(None, {"x": x})[0] for n in ("inline", "ext"))
     assert np.array_equal(a, b)
+
+
+def test_a_streamed_stage_that_misses_its_gate_moves_its_worst_layers_up_until_it_passes(checkpoint, tmp_path):
+    """The streamed path's fallback (no float bundle, so no activations: the ranking is each weight's own
+    quantization error). A planner gate the all-4-bit export misses (cosine >= 0.995 on the tiny planner, whose
+    w4 reaches 0.992) is met after layers move to 8 bits. Oracles: the layers moved first are those whose weights
+    (read from the eagerly loaded model) have the largest numpy-reference 4-bit error; the gate rows of the last
+    round pass the tolerance and the first round's figures missed it; the file's MatMulNBits bits are the record's.
+    A tolerance no round can meet is refused with the numbers, and nothing is written."""
+    from metacanvas_deploy.calib.errors import AccuracyBudgetError
+
+    recipe = dataclasses.replace(recipe_for_backbone("sana", "w4"), stages=("planner",), stage_formats=(),
+                                 streamed_min_cosine=0.995, max_fallback_rounds=4, fallback_fraction=0.5)
+    out = build(BuildConfig(out=tmp_path / "b", checkpoint=checkpoint, precision="w4", steps=2, lazy_weights="on",
+                            recipe=recipe), log=lambda *a: None)
+    q = json.loads((out / "manifest.json").read_text())["build"]["quantization"]["stages"]["planner"]
+    rounds = q["rounds"]
+    assert len(rounds) >= 2 and "misses the tolerance" in rounds[0]["gate"] and rounds[-1]["gate"] == "passed"
+    assert rounds[0]["layers_8bit"] == 0 and rounds[-1]["layers_8bit"] > 0
+    assert all(r["cosine"] >= 0.995 for r in q["gate"]["rows"])
+    eager = MetaCanvas.from_pretrained(checkpoint)
+    planner = plan_stages(eager, resolve_ranges(eager, ()))["planner"].module()
+    params = dict(planner.named_parameters())
+    spec = wo.BlockSpec(4, recipe.block_size, recipe.symmetric)
+    graph_layers = set(q["layers"])
+    errors = {n: wo.weight_error(params[n].detach().numpy().T.copy(), spec) for n in graph_layers}
+    first = [m.split(" -> ")[0] for m in q["fallback"][: math.ceil(0.5 * len(graph_layers))]]
+    assert sorted(first) == sorted(sorted(errors, key=lambda n: -errors[n])[: len(first)])
+    assert {n for n, b in q["layers"].items() if b == 8} == {m.split(" -> ")[0] for m in q["fallback"]}
+    bits = {n.name: next(a.i for a in n.attribute if a.name == "bits")
+            for n in onnx.load(str(out / "planner.onnx"), load_external_data=False).graph.node
+            if n.op_type == "MatMulNBits"}
+    assert sorted(bits.values()) == sorted(q["layers"].values())
+
+    hopeless = dataclasses.replace(recipe, streamed_min_cosine=0.9999999, max_fallback_rounds=1)
+    with pytest.raises(AccuracyBudgetError, match=r"misses its gate against PyTorch fp32 after 2 rounds"):
+        build(BuildConfig(out=tmp_path / "c", checkpoint=checkpoint, precision="w4", steps=2, lazy_weights="on",
+                          recipe=hopeless), log=lambda *a: None)
+    assert not (tmp_path / "c").exists()
