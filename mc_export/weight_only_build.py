@@ -146,7 +146,8 @@ def _stage(comp, tmp: Path, cfg, recipe: Recipe, weights, log):
                 f"missed its gate; {len(step)} layers move up ({step[0]}{', ...' if len(step) > 1 else ''}), "
                 "exporting again")
             continue
-        rounds.append({**_counts(layers), "gate": "passed" if rows else f"not gated: {skipped}"})
+        rounds.append({**_counts({n: b for n, b in layers.items() if n in done.get("layers", {})}),
+                       "gate": "passed" if rows else f"not gated: {skipped}"})
         break
     gate = f"not gated: {skipped}" if skipped else "passed (weight-only tolerance, against PyTorch fp32)"
     final = tmp / entry.file
