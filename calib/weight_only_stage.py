@@ -153,6 +153,11 @@ def evaluate(pipe, stage: str, candidate: Path, held_feeds, held_reqs, float_fra
     return StageMetrics(values, cos, rel)
 
 
+def bit_counts(layers: dict[str, int]) -> dict[str, int]:
+    """A fallback round's record: how many layers are in 4 and in 8 bits."""
+    return {"layers_4bit": sum(b == 4 for b in layers.values()), "layers_8bit": sum(b == 8 for b in layers.values())}
+
+
 def raise_level(layers: dict[str, int], scores: dict[str, float], fraction: float) -> list[str]:
     """Move the most sensitive ``fraction`` of the layers at the lowest precision one level up (4 -> 8 bits,
     8 bits -> float: removed). Returns what moved, as 'name -> w8' / 'name -> float'."""
@@ -234,9 +239,9 @@ def quantize_weight_only_stage(float_bundle: Path, raw: Path, recipe: Recipe, st
             optimize_for_ort(candidate, cpu)
         with peaks.phase("evaluate"):
             metrics = evaluate(held.pipe, stage, cpu, held.feeds, held.reqs, held.frames, held.steps, threads)
-        counts = {b: sum(1 for v in layers.values() if v == b) for b in (4, 8)}
-        rounds.append({"layers_4bit": counts[4], "layers_8bit": counts[8], **metrics.to_json()})
-        log(f"  round {round_}: {counts[4]} layers in 4 bits, {counts[8]} in 8 bits ({fmt}): "
+        counts = bit_counts(layers)
+        rounds.append({**counts, **metrics.to_json()})
+        log(f"  round {round_}: {counts['layers_4bit']} layers in 4 bits, {counts['layers_8bit']} in 8 bits ({fmt}): "
             f"{metrics.shortfall(recipe)}")
         if metrics.passes(recipe):
             ops = op_counts(onnx.load(str(cpu), load_external_data=False))

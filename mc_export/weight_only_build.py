@@ -118,7 +118,7 @@ def _stage(comp, tmp: Path, cfg, recipe: Recipe, weights, log):
     PyTorch; a missed gate moves the layers whose weights quantize worst one level up (4 -> 8 bits -> float, the
     recipe's ``fallback_fraction`` of those at the lowest level per round, at most ``max_fallback_rounds``) and
     exports again. Returns (entry, gate verdict, stage record, quantization record)."""
-    from metacanvas_deploy.calib.weight_only_stage import plan_layers, raise_level
+    from metacanvas_deploy.calib.weight_only_stage import bit_counts, plan_layers, raise_level
 
     stage = comp.spec.stage
     fmt = recipe.format_of(stage)
@@ -128,27 +128,27 @@ def _stage(comp, tmp: Path, cfg, recipe: Recipe, weights, log):
         done: dict = {}
         try:
             entry, rows, skipped, record = _attempt(comp, tmp, cfg, recipe, weights, layers, done, log)
+            missed = None
         except StageParityError as e:
-            for name in set(layers) - set(done.get("layers", {})):  # a module the stage's graph does not run
-                del layers[name]
-            rounds.append({**_counts(layers), "gate": str(e)})
-            if not layers or round_ == recipe.max_fallback_rounds:
-                raise AccuracyBudgetError(
-                    f"{stage}: {recipe.name} ({fmt}) misses its gate against PyTorch fp32 after {len(rounds)} "
-                    f"rounds ({len(moved)} layer moves up): {e}. Relax streamed_min_cosine / streamed_max_rel in a "
-                    "recipe file (--recipe), raise max_fallback_rounds, use w8, or build fp32") from e
-            if scores is None:
-                scores = weight_scores(comp.module(), weights, layers, recipe, log, stage)
-            was = rounds[-1]
-            step = raise_level(layers, scores, recipe.fallback_fraction)
-            moved += step
-            log(f"  {stage}: round {round_} ({was['layers_4bit']} layers in 4 bits, {was['layers_8bit']} in 8) "
-                f"missed its gate; {len(step)} layers move up ({step[0]}{', ...' if len(step) > 1 else ''}), "
-                "exporting again")
-            continue
-        rounds.append({**_counts({n: b for n, b in layers.items() if n in done.get("layers", {})}),
-                       "gate": "passed" if rows else f"not gated: {skipped}"})
-        break
+            missed = e
+        for name in set(layers) - set(done.get("layers", {})):  # a module the stage's graph does not run
+            del layers[name]
+        rounds.append({**bit_counts(layers), "gate": str(missed) if missed else
+                       "passed" if rows else f"not gated: {skipped}"})
+        if missed is None:
+            break
+        if not layers or round_ == recipe.max_fallback_rounds:
+            raise AccuracyBudgetError(
+                f"{stage}: {recipe.name} ({fmt}) misses its gate against PyTorch fp32 after {len(rounds)} rounds "
+                f"({len(moved)} layer moves up): {missed}. Relax streamed_min_cosine / streamed_max_rel in a recipe "
+                "file (--recipe), raise max_fallback_rounds, use w8, or build fp32") from missed
+        if scores is None:
+            scores = weight_scores(comp.module(), weights, layers, recipe, log, stage)
+        step = raise_level(layers, scores, recipe.fallback_fraction)
+        moved += step
+        log(f"  {stage}: round {round_} ({rounds[-1]['layers_4bit']} layers in 4 bits, {rounds[-1]['layers_8bit']} "
+            f"in 8) missed its gate; {len(step)} layers move up ({step[0]}{', ...' if len(step) > 1 else ''}), "
+            "exporting again")
     gate = f"not gated: {skipped}" if skipped else "passed (weight-only tolerance, against PyTorch fp32)"
     final = tmp / entry.file
     ops = op_counts(onnx.load(str(final), load_external_data=False)) if cfg.target != "tensorrt" else {}
@@ -157,10 +157,6 @@ def _stage(comp, tmp: Path, cfg, recipe: Recipe, weights, log):
              "kernels": {op: n for op, n in ops.items() if op in WEIGHT_ONLY_OPS},
              "gate": {"tolerance": dataclasses.asdict(tolerance(recipe)), "rows": [dataclasses.asdict(r) for r in rows]}}
     return entry, gate, record, quant
-
-
-def _counts(layers: dict[str, int]) -> dict[str, int]:
-    return {"layers_4bit": sum(b == 4 for b in layers.values()), "layers_8bit": sum(b == 8 for b in layers.values())}
 
 
 def weight_scores(module, weights, layers: dict[str, int], recipe: Recipe, log=None, label: str = "stage"
