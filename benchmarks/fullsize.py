@@ -12,6 +12,8 @@ process): wall time, peak resident memory (the kernel's ru_maxrss) and peak priv
 request runs in low-memory mode (one stage at a time, weights mapped) and reports each stage's engine time.
 ``--frames-out`` keeps the request's frames; ``--reference`` (another run's ``--frames-out``, e.g. the fp32 bundle's
 at the same shape, prompt and seed) adds their PSNR: how far a quantized bundle lands from the float path.
+With ``--build-args "--target tensorrt --export-only --precision bf16"`` OUT is a TensorRT export (engines are
+built on the GPU machine): the same per-stage figures, from its index, and no request.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import time
 from pathlib import Path
 
 from benchmarks.env import fingerprint
+from metacanvas_deploy.mc_export.tensorrt.export_folder import INDEX_NAME
 
 # Runs in the child: a thread samples private memory while ``body`` runs, then prints one JSON line.
 _CHILD = """
@@ -97,7 +100,9 @@ def run(checkpoint: Path, bundle: Path, height: int, width: int, frames: int, st
         result["build"] = _run_child(_BUILD.format(argv=argv))
         if result["build"]["exit_status"] != 0:
             return result
-    manifest = json.loads((bundle / "manifest.json").read_text())
+    export = (bundle / INDEX_NAME).exists()  # `--target tensorrt --export-only`: engines are built elsewhere
+    manifest = json.loads((bundle / INDEX_NAME).read_text())["manifest"] if export else json.loads(
+        (bundle / "manifest.json").read_text())
     result["stages"] = {s: {**r, "gate": manifest["build"]["parity"].get(s)}
                         for s, r in manifest["build"].get("stages", {}).items()}
     if "build" in result and result["stages"]:  # the build resets the kernel's high-water mark per stage, so its
@@ -106,6 +111,8 @@ def run(checkpoint: Path, bundle: Path, height: int, width: int, frames: int, st
                                              *(r["peak_rss_mb"] for r in result["stages"].values()))
     result["disk"] = {"checkpoint_gb": round(_du(checkpoint) / 1e9, 2), "bundle_gb": round(_du(bundle) / 1e9, 2),
                       "free_gb": round(shutil.disk_usage(bundle).free / 1e9, 1)}
+    if export:
+        return result
     keep = str(frames_out or (reference and Path(bundle).with_name(Path(bundle).name + ".frames.npy")) or "")
     result["generate"] = _run_child(_GENERATE.format(bundle=str(bundle), prompt=prompt, height=height, width=width,
                                                      frames=frames, steps=steps, frames_out=keep))

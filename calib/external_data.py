@@ -5,7 +5,7 @@ instead of reading them into private memory (`runtime.engine`'s mapped sessions)
 Three writers make the compiler's data files, and each is aligned here:
 - onnx (`save_aligned`, for `calib.graph.save_model`): writes the tensors itself, each at its aligned offset,
   then lets onnx write the graph. onnx's own `save(save_as_external_data=True)` packs them densely.
-- onnx-ir (the exporter, `mc_export.export.onnx_export`): `ir.save(..., **IR_SAVE_ALIGNED)`.
+- onnx-ir (the exporter, `mc_export.export.onnx_export`): `ir_save(..., **IR_SAVE_ALIGNED)`.
 - ONNX Runtime's offline optimiser (`calib.graph.optimize_for_ort`): it aligns only tensors past 1 MiB, and to
   4 KiB; `realign` moves every tensor to its aligned offset in place, streaming (no second copy of the file,
   at most `CHUNK_BYTES` in memory).
@@ -32,6 +32,22 @@ MIN_EXTERNAL_BYTES = 1024
 CHUNK_BYTES = 64 << 20
 # onnx-ir's save options that align every external tensor (`align_threshold` 0: no size is exempt).
 IR_SAVE_ALIGNED = {"size_threshold_bytes": MIN_EXTERNAL_BYTES, "alignment": ALIGNMENT, "align_threshold": 0}
+
+
+def ir_save(model, path: Path, **kwargs) -> None:
+    """`onnx_ir.save`, raising what a lazy tensor raised while it was written (a checkpoint read that failed, a
+    value refused by name) instead of onnx-ir's wrappers around it, so the user gets that one line."""
+    import onnx_ir as ir
+
+    try:
+        ir.save(model, str(path), **kwargs)
+    except ir.serde.SerdeError as error:
+        cause = error
+        while isinstance(cause, ir.serde.SerdeError) and cause.__cause__ is not None:
+            cause = cause.__cause__
+        if cause is error:
+            raise
+        raise cause from error
 
 
 def _aligned(offset: int) -> int:

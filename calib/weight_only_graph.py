@@ -250,20 +250,18 @@ def candidates(path: Path) -> dict[str, tuple[int, ...]]:
 def save(model, path: Path) -> None:
     """Write an onnx-ir model; weights past `calib.graph.EXTERNAL_DATA_BYTES` to ``<path>.data``, each tensor
     aligned for memory mapping (as the exporter writes them)."""
-    import onnx_ir as ir
-
     from metacanvas_deploy.calib import graph as calib_graph
-    from metacanvas_deploy.calib.external_data import IR_SAVE_ALIGNED, check_aligned
+    from metacanvas_deploy.calib.external_data import IR_SAVE_ALIGNED, check_aligned, ir_save
 
     path = Path(path)
     data = path.with_name(path.name + ".data")
     data.unlink(missing_ok=True)
     size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
     if size > calib_graph.EXTERNAL_DATA_BYTES:
-        ir.save(model, str(path), external_data=data.name, **IR_SAVE_ALIGNED)
+        ir_save(model, path, external_data=data.name, **IR_SAVE_ALIGNED)
         check_aligned(path)
     else:
-        ir.save(model, str(path))
+        ir_save(model, path)
 
 
 def rewrite_file(src: Path, dst: Path, choose: Callable[[str], wo.BlockSpec | None], form: str = "matmulnbits",

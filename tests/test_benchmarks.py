@@ -317,3 +317,9 @@ def test_fullsize_benchmark_records_build_and_request_costs(tmp_path):
     # reported with its status, nothing generated
     failed = run(tmp_path / "ckpt", tmp_path / "refused", 64, 64, 1, 2, "a fox", build_args=("--steps", "0"))
     assert failed["build"]["exit_status"] == 2 and "generate" not in failed and not (tmp_path / "refused").exists()
+    # a TensorRT export (engines built on the GPU machine): the same per-stage records, from its index; no request
+    export = run(tmp_path / "ckpt", tmp_path / "export", 64, 64, 1, 2, "a fox",
+                 build_args=("--target", "tensorrt", "--export-only", "--precision", "bf16"))
+    assert export["build"]["exit_status"] == 0 and "generate" not in export
+    assert set(export["stages"]) == {"planner", "denoise", "vae_decoder"}
+    assert all(r["gate"] == "passed" and r["peak_rss_mb"] > 0 and r["bytes"] > 0 for r in export["stages"].values())

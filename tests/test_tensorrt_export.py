@@ -54,6 +54,18 @@ def exports(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def lazy_exports(tmp_path_factory):
+    """precision -> the same model's export from its checkpoint folder with lazy weights (streamed from the
+    checkpoint into the file as it is written, as a full-size export runs)."""
+    from metacanvas_deploy.mc_export.models.metacanvas import MetaCanvas
+
+    root = tmp_path_factory.mktemp("trt_lazy_exports")
+    MetaCanvas.from_preset("sana", "tiny", seed=0, random_canvas=True).save_pretrained(root / "ckpt")
+    return {p: build(BuildConfig(out=root / p, checkpoint=root / "ckpt", steps=STEPS, precision=p, target="tensorrt",
+                                 export_only=True, lazy_weights="on"), log=lambda *a: None) for p in ("fp32", "bf16")}
+
+
+@pytest.fixture(scope="module")
 def components():
     from metacanvas_deploy.mc_export.models.metacanvas import MetaCanvas
     from metacanvas_deploy.mc_export.stages import plan_stages
@@ -108,15 +120,18 @@ def test_references_are_the_pytorch_outputs_of_the_gate_cases(exports, component
                     np.testing.assert_array_equal(outputs[name], value, err_msg=f"{stage} {case} {name}")
 
 
-@pytest.mark.parametrize("precision", ["fp16", "bf16"])
-def test_16_bit_weights_are_the_fp32_export_rounded(exports, precision):
+@pytest.mark.parametrize("kind, precision", [("exports", "fp16"), ("exports", "bf16"), ("lazy_exports", "bf16")])
+def test_16_bit_weights_are_the_fp32_export_rounded(request, kind, precision):
     """Each 16-bit initializer equals the fp32 export's tensor rounded by torch to that type (bit for bit); its
     Cast gives the graph back the original name; every other initializer, node and the graph's I/O are those of
-    the fp32 export; only weights (>= 2 dims, feeding weight slots) were converted; the weights' bytes halve."""
+    the fp32 export; only weights (>= 2 dims, feeding weight slots) were converted; the weights' bytes halve. The
+    same with lazy weights, whose 16-bit values are computed as each is read from the checkpoint."""
     np_type, onnx_type, suffix, _ = HALF[precision]
     torch_type = {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    exports = request.getfixturevalue(kind)
     ours, reference = read_export(exports[precision]), read_export(exports["fp32"])
     for stage, s in ours.stages.items():
+        assert s.gate == "passed", (kind, stage)
         half = onnx.load(str(ours.path / s.onnx))
         full = onnx.load(str(reference.path / reference.stages[stage].onnx))
         fp32 = {t.name: numpy_helper.to_array(t) for t in full.graph.initializer}
@@ -129,7 +144,7 @@ def test_16_bit_weights_are_the_fp32_export_rounded(exports, precision):
             if t.name.endswith(suffix) and t.name[: -len(suffix)] in converted:
                 original = fp32[t.name[: -len(suffix)]]
                 assert t.data_type == onnx_type and value.dtype == np_type and original.ndim >= 2
-                rounded = torch.from_numpy(original).to(torch_type).view(torch.int16).numpy()
+                rounded = torch.from_numpy(original.copy()).to(torch_type).view(torch.int16).numpy()
                 np.testing.assert_array_equal(value.view(np.int16), rounded, err_msg=t.name)
             else:
                 np.testing.assert_array_equal(value, fp32[t.name], err_msg=t.name)
@@ -142,6 +157,34 @@ def test_16_bit_weights_are_the_fp32_export_rounded(exports, precision):
                 if name in converted and node.op_type not in ("Transpose", "Reshape", "Shape"):
                     assert i in WEIGHT_SLOTS[node.op_type], (stage, node.op_type, name)
         assert s.weights["bytes_after"] < 0.6 * s.weights["bytes_before"], (stage, dict(s.weights))
+
+
+def test_a_weight_16_bits_cannot_hold_is_refused_by_name(tmp_path):
+    """fp16 tops out at 65504: a weight past it is refused, naming the weight and bf16, when the file is
+    written (the values are read only then); bf16 holds it. Biases (1-D) stay float32 whatever they hold."""
+    import onnx_ir as ir
+    from onnx import TensorProto, helper
+
+    from metacanvas_deploy.calib.weight_only_graph import save
+    from metacanvas_deploy.mc_export.errors import ExportError
+    from metacanvas_deploy.mc_export.tensorrt.half_weights import store_weights
+
+    w = np.full((4, 3), 7e4, np.float32)
+    proto = helper.make_model(helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"]), helper.make_node("Add", ["y", "b"], ["z"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [2, 3])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.full(3, 1e6, np.float32), "b")]))
+    model = ir.from_proto(proto)
+    assert store_weights(model, "fp16")["converted"] == 1
+    with pytest.raises(ExportError, match=r"weight w holds values fp16 cannot store.*--precision bf16"):
+        save(model, tmp_path / "fp16.onnx")
+    model = ir.from_proto(proto)
+    store_weights(model, "bf16")
+    save(model, tmp_path / "bf16.onnx")
+    stored = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / "bf16.onnx")).graph.initializer}
+    assert set(stored) == {"w_bf16", "b"} and stored["b"].dtype == np.float32
+    np.testing.assert_array_equal(stored["w_bf16"].astype(np.float32), torch.tensor(w).bfloat16().float().numpy())
 
 
 def test_the_export_verifies_and_a_changed_folder_is_refused(exports, tmp_path):

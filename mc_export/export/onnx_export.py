@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from metacanvas_deploy.calib import graph as calib_graph
-from metacanvas_deploy.calib.external_data import IR_SAVE_ALIGNED, check_aligned
+from metacanvas_deploy.calib.external_data import IR_SAVE_ALIGNED, check_aligned, ir_save
 from metacanvas_deploy.mc_export.components.spec import Component, Tolerance
 from metacanvas_deploy.mc_export.errors import ExportError
 from metacanvas_deploy.mc_export.export import attention
@@ -97,14 +97,12 @@ def export_component(comp: Component, path: Path, opset: int = OPSET, weights=No
 def _save(program, path: Path, external: bool) -> None:
     """Write the exported graph; with ``external``, its weights to ``<name>.data``, each at an offset ONNX
     Runtime can memory-map (torch's own `save` packs them densely). Lazy weights are read one at a time here."""
-    import onnx_ir as ir
-
     data = path.with_name(path.name + ".data")
     data.unlink(missing_ok=True)
     if not external:
         program.save(str(path))
         return
-    ir.save(program.model, str(path), external_data=data.name, **IR_SAVE_ALIGNED)
+    ir_save(program.model, path, external_data=data.name, **IR_SAVE_ALIGNED)
     check_aligned(path)
 
 

@@ -2,8 +2,8 @@
 that has none (`export_folder` describes the folder). The GPU machine then turns it into a bundle without torch or
 the checkpoint (`target_build`, `python -m mc_export engines`).
 
-Per stage, in one pass: the raw export TensorRT parses (decomposed attention, no ONNX Runtime-only ops),
-sequences lowered and weights stored in 16 bits for fp16/bf16 (`half_weights`), the graph checks a TensorRT build
+Per stage, in one pass: the export TensorRT parses (decomposed attention, no ONNX Runtime-only ops), weights
+stored in 16 bits for fp16/bf16 as they are written and sequences lowered (`half_weights`), the graph checks a TensorRT build
 makes (`builder.check_onnx`), then the stage's parity gate run by ONNX Runtime on that very file against the
 PyTorch reference, at the precision's tolerance (`precision.GATE_TOLERANCE`; the spec's for fp32). The gate's
 inputs and PyTorch outputs are kept as the references the GPU machine gates each engine against, so the
@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import tempfile
 import time
 from pathlib import Path
 
@@ -34,10 +33,11 @@ from metacanvas_deploy.mc_export.tensorrt.export_folder import (
     stage_record,
     write_export,
 )
-from metacanvas_deploy.mc_export.tensorrt.half_weights import prepare_graph
+from metacanvas_deploy.mc_export.tensorrt.half_weights import finish_graph, store_weights
 from metacanvas_deploy.mc_export.tensorrt.precision import GATE_TOLERANCE, rule
 from metacanvas_deploy.mc_export.tensorrt.profiles import profile_shapes
 from metacanvas_deploy.mc_export.writer import cache_key, manifest
+from metacanvas_deploy.runtime.memory import rss_phase
 
 
 def export_key(cfg, model, ranges, steps: int, weights_digest: str) -> str:
@@ -65,9 +65,11 @@ def export_for_tensorrt(cfg, model, ranges, steps: int, weights_digest: str, log
 
     def populate(tmp: Path) -> dict:
         stages, records = {}, {}
-        with tempfile.TemporaryDirectory(prefix="mc_export-") as scratch:
-            for stage, comp in components.items():
-                stages[stage], records[stage] = _export_stage(comp, Path(scratch), tmp, cfg, weights, log)
+        for stage, comp in components.items():
+            with rss_phase() as memory:
+                stages[stage], records[stage] = _export_stage(comp, tmp, cfg, weights, log)
+            records[stage].update(peak_rss_mb=round(memory["peak_mb"], 1), end_private_mb=memory["end_private_mb"],
+                                  memory_scope=memory["scope"])
         model.tokenizer.tokenizer.save(str(tmp / "tokenizer.json"))
         skeleton = _skeleton(cfg, model, ranges, steps, key, components, stages, records)
         return {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "precision": cfg.precision,
@@ -78,16 +80,18 @@ def export_for_tensorrt(cfg, model, ranges, steps: int, weights_digest: str, log
     return out
 
 
-def _export_stage(comp, scratch: Path, folder: Path, cfg, weights, log) -> tuple[dict, dict]:
+def _export_stage(comp, folder: Path, cfg, weights, log) -> tuple[dict, dict]:
     """One stage into ``folder``: its graph, gate and references. Returns (index record, cost record)."""
     stage = comp.spec.stage
     started = time.perf_counter()
-    raw = scratch / f"{stage}.onnx"
-    export_component(comp, raw, weights=weights, fused_attention=False)  # TensorRT fuses attention itself
-    final = folder / f"{stage}.onnx"
-    weights_record = prepare_graph(raw, final, cfg.precision)
-    for f in (raw, raw.with_name(raw.name + ".data")):
-        f.unlink(missing_ok=True)
+    final, weights_record = folder / f"{stage}.onnx", {}
+
+    def store(model):  # while the weights stream into the file: no float32 copy of a 16-bit stage is written
+        weights_record.update(store_weights(model, cfg.precision))
+
+    # TensorRT fuses attention itself
+    export_component(comp, final, weights=weights, fused_attention=False, graph_transform=store, log=log)
+    finish_graph(final)
     check_onnx(final, rule(cfg.precision))
     exported = time.perf_counter()
     references, gate = _gate(comp, final, folder, cfg, weights, log)
