@@ -355,6 +355,29 @@ def test_a_dynamic_split_cannot_be_lowered():
         lower_sequences(_sequence_graph(True, 1, 0))
 
 
+def test_sizes_computed_at_run_time_lower_to_a_split_that_takes_them(tmp_path):
+    """FLUX's joint attention splits text from image tokens by the request's lengths: sizes a 1-D tensor of static
+    length (the part count) whose values come at run time. Lowered to `Split(x, sizes)`; ONNX Runtime gives the
+    same parts as the sequence ops, for any sizes."""
+    h = onnx.helper
+    x = h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 2])
+    sizes = h.make_tensor_value_info("sizes", onnx.TensorProto.INT64, [2])
+    outs = [h.make_tensor_value_info(f"y{i}", onnx.TensorProto.FLOAT, None) for i in range(2)]
+    nodes = [h.make_node("SplitToSequence", ["x", "sizes"], ["seq"], axis=0),
+             *(h.make_node("Constant", [], [f"p{i}"], value=h.make_tensor(f"p{i}", onnx.TensorProto.INT64, [], [i]))
+               for i in range(2)),
+             *(h.make_node("SequenceAt", ["seq", f"p{i}"], [f"y{i}"]) for i in range(2))]
+    model = h.make_model(h.make_graph(nodes, "g", [x, sizes], outs), opset_imports=[h.make_opsetid("", 20)])
+    onnx.save(model, str(tmp_path / "seq.onnx"))
+    assert lower_sequences(model) == 1
+    assert [(n.op_type, list(n.input)) for n in model.graph.node if n.op_type == "Split"] == [("Split", ["x", "sizes"])]
+    onnx.save(model, str(tmp_path / "split.onnx"))
+    for n, cut in ((5, [2, 3]), (7, [7, 0])):
+        feeds = {"x": np.arange(2 * n, dtype=np.float32).reshape(n, 2), "sizes": np.array(cut, np.int64)}
+        for want, got in zip(_ort(tmp_path / "seq.onnx", feeds), _ort(tmp_path / "split.onnx", feeds), strict=True):
+            assert want.shape == got.shape and np.array_equal(want, got)
+
+
 def test_polygraphy_lint_passes_on_the_graph_tensorrt_parses(raw_step, tmp_path):
     """ONNX checker + ONNX Runtime node by node on the lowered step, at the spec's opt shapes (CPU only)."""
     pytest.importorskip("polygraphy", reason="polygraphy 0.53.6 + onnx-graphsurgeon 0.6.1 (test extras)")

@@ -164,10 +164,11 @@ def _parseable(onnx_path: Path):
 
 
 def lower_sequences(model) -> int:
-    """Rewrite each SplitToSequence whose every use is a SequenceAt at a constant position into one Split, and
-    each SequenceAt into an Identity (or a Squeeze, for ``keepdims=0`` without ``split``) of the matching part:
-    the same values, in ops TensorRT parses. torch's split/chunk/unbind export as SplitToSequence when
-    onnxscript's optimizer is off (SANA's graphs: `ComponentSpec.optimize`). Edits ``model`` in place; returns
+    """Rewrite each SplitToSequence whose every use is a SequenceAt at a constant position into one Split (its
+    sizes constant, or a 1-D tensor of static length), and each SequenceAt into an Identity (or a Squeeze, for
+    ``keepdims=0`` without ``split``) of the matching part: the same values, in ops TensorRT parses. torch's
+    split/chunk/unbind export as SplitToSequence when onnxscript's optimizer is off (SANA's graphs:
+    `ComponentSpec.optimize`; every export with lazy weights, whose values it cannot fold). Edits ``model`` in place; returns
     how many were lowered. BuildError for a sequence op this cannot lower (dynamic split sizes or positions)."""
     import onnx
     from onnx import helper, numpy_helper
@@ -181,9 +182,11 @@ def lower_sequences(model) -> int:
     for node in graph.node:
         if node.op_type == "SplitToSequence":
             sizes, axis, squeeze = _split_sizes(node, consts, shapes)
-            names = [f"{node.output[0]}_part{i}" for i in range(len(sizes))]
-            sizes_name = f"{node.output[0]}_sizes"
-            graph.initializer.append(numpy_helper.from_array(np.array(sizes, np.int64), sizes_name))
+            count = len(sizes) if isinstance(sizes, list) else _length(shapes, sizes)
+            names = [f"{node.output[0]}_part{i}" for i in range(count)]
+            sizes_name = sizes if isinstance(sizes, str) else f"{node.output[0]}_sizes"
+            if isinstance(sizes, list):
+                graph.initializer.append(numpy_helper.from_array(np.array(sizes, np.int64), sizes_name))
             nodes.append(helper.make_node("Split", [node.input[0], sizes_name], names, name=node.name, axis=axis))
             parts[node.output[0]] = names, squeeze
         elif node.op_type == "SequenceAt" and node.input[0] in parts and node.input[1] in consts:
@@ -206,6 +209,10 @@ def lower_sequences(model) -> int:
     return len(parts)
 
 
+def _length(shapes, name: str) -> int:
+    return shapes[name].dim[0].dim_value
+
+
 def _constants(graph) -> dict:
     """Tensor name -> numpy value of every initializer and Constant node (``value`` attribute)."""
     from onnx import numpy_helper
@@ -217,19 +224,27 @@ def _constants(graph) -> dict:
     return out
 
 
-def _split_sizes(node, consts, shapes) -> tuple[list[int], int, int | None]:
-    """(part sizes, axis, axis to squeeze or None) of a SplitToSequence with a static split; BuildError if not."""
+def _split_sizes(node, consts, shapes) -> tuple[list[int] | str, int, int | None]:
+    """(part sizes, axis, axis to squeeze or None) of a SplitToSequence whose part count is static; the sizes are a
+    name instead of a list where they are a tensor computed at run time (1-D, of static length: FLUX's joint
+    attention splits text from image tokens by the request's lengths), which `Split` takes as its input as they
+    are. BuildError if the number of parts is not static."""
     from onnx import helper
 
+    def static_dims(name):
+        return [d.dim_value if d.HasField("dim_value") else None for d in shapes[name].dim] if name in shapes else None
+
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    dims = [d.dim_value if d.HasField("dim_value") else None for d in shapes[node.input[0]].dim] \
-        if node.input[0] in shapes else []
+    dims = static_dims(node.input[0]) or []
     axis = attrs.get("axis", 0)  # Split and Squeeze take a negative axis as SplitToSequence does
-    split = consts.get(node.input[1]) if len(node.input) > 1 and node.input[1] else None
+    given = node.input[1] if len(node.input) > 1 and node.input[1] else None
+    split = consts.get(given) if given else None
     if split is not None and split.ndim == 1:
         return [int(v) for v in split], axis, None
+    if given and split is None and [bool(d) for d in static_dims(given) or ()] == [True]:
+        return given, axis, None  # the sizes tensor itself, its length the part count
     length = dims[axis] if -len(dims) <= axis < len(dims) else None
-    if length is None or (len(node.input) > 1 and node.input[1] and split is None):
+    if length is None or (given and split is None):
         raise BuildError(f"SplitToSequence {node.name!r}: its sizes are not static, so it cannot be lowered to a "
                          "Split TensorRT parses")
     if split is None:  # size-1 parts; keepdims=0 (the default is 1) drops the split axis

@@ -134,9 +134,12 @@ def _weights_only(names: list[str], uses: dict, graph_outputs: set[str]) -> list
 
 
 def _drop_unused(model: onnx.ModelProto) -> None:
-    """Remove initializers no node reads (the exporter leaves a few, lowering sequences frees their sizes): ONNX
-    Runtime drops them at load time with a warning each, and nothing should copy them to the GPU machine."""
+    """Remove initializers and Constant nodes no node reads (lowering sequences frees their sizes and positions):
+    ONNX Runtime drops them at load time with a warning each, and nothing should copy them to the GPU machine."""
     used = _read_names(model.graph) | {o.name for o in model.graph.output}
+    nodes = [n for n in model.graph.node if n.op_type != "Constant" or n.output[0] in used]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
     kept = [t for t in model.graph.initializer if t.name in used]
     del model.graph.initializer[:]
     model.graph.initializer.extend(kept)
