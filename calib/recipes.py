@@ -32,6 +32,7 @@ FORMATS = ("int8", "fp8", "w8", "w4")
 WEIGHT_ONLY = ("w8", "w4")
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 CALIBRATION_PASSES = ("block", "whole")
+WEIGHT_METHODS = ("rtn", "awq")  # weight-only: round to nearest, or AWQ-scaled (`calib.weight_only`)
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,9 @@ class Recipe:
     block_size: int = 32
     symmetric: bool = True
     embedding_bits: int | None = 8
+    # rtn: round to nearest, no data; awq: AWQ's activation-aware input-channel scales, searched on two
+    # calibration requests through the float bundle (`calib.weight_only.awq_scale`)
+    weight_method: str = "rtn"
     streamed_min_cosine: float = 0.99
     streamed_max_rel: float = 1.0
 
@@ -136,6 +140,9 @@ class Recipe:
                 raise RecipeError(f"recipe {self.name}: stage {stage} format must be one of {FORMATS}, got {fmt!r}")
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise RecipeError(f"recipe {self.name}: block_size must be a power of 2 >= 16, got {self.block_size}")
+        if self.weight_method not in WEIGHT_METHODS:
+            raise RecipeError(f"recipe {self.name}: weight_method must be one of {WEIGHT_METHODS}, got "
+                              f"{self.weight_method!r}")
         if self.embedding_bits not in (None, 4, 8):
             raise RecipeError(f"recipe {self.name}: embedding_bits must be 4, 8 or null, got {self.embedding_bits!r}")
         if not 0.0 < self.streamed_min_cosine <= 1.0 or self.streamed_max_rel <= 0:

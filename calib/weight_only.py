@@ -18,6 +18,13 @@ Two graph forms carry the same numbers (`calib.weight_only_graph` writes them):
 - TensorRT: opset-21 `DequantizeLinear` (axis 0, block_size) on the weight, then the original MatMul: int4/int8
   codes (symmetric, zero points of the same type, all zero, as TensorRT's IDequantizeLayer requires), scales
   (K/block, N). ONNX Runtime's CPU provider runs this form too: it is the parity oracle here.
+
+Data-aware (``weight_method: awq`` in a recipe; AWQ, Lin et al. 2024): before rounding, each input channel k of W
+is scaled by s_k = a_k^alpha (a_k: the RMS of input channel k on calibration calls, normalised so that
+sqrt(max(s) min(s)) = 1) and the activation is divided by it in the graph (a `Mul` by 1/s before the layer):
+x W = (x / s)(s W), so channels that carry large activations get finer steps. alpha is searched on a grid for
+the least activation-weighted error sum_k E[x_k^2] |Q(s W)_k / s_k - W_k|^2 (the diagonal of E|x (W' - W)|^2);
+alpha = 0 is round to nearest, so the chosen scale is never worse than it on that measure.
 """
 
 from __future__ import annotations
@@ -172,3 +179,33 @@ def weight_error(w: np.ndarray, spec: BlockSpec) -> float:
     """Noise-to-signal ratio of ``w``'s quantization (the fallback loop's data-free sensitivity)."""
     d = dequantize_blocks(quantize_blocks(w, spec)) - w
     return float(np.sum(np.square(d), dtype=np.float64) / max(np.sum(np.square(w), dtype=np.float64), 1e-30))
+
+
+AWQ_GRID = tuple(i / 20 for i in range(21))  # alpha = 0, 0.05 .. 1 (AWQ's own search: 20 points)
+
+
+def weighted_error(w: np.ndarray, power: np.ndarray, spec: BlockSpec, scale: np.ndarray | None = None) -> float:
+    """sum_k power_k |W'_k - W_k|^2 / sum_k power_k |W_k|^2 for ``w`` (K, N) quantized with input-channel
+    ``scale`` (None: round to nearest), W' = Q(scale W) / scale; ``power``: E[x_k^2] per input channel."""
+    w = np.asarray(w, np.float32)
+    s = np.ones(w.shape[0], np.float32) if scale is None else np.asarray(scale, np.float32)
+    d = dequantize_blocks(quantize_blocks(w * s[:, None], spec)) / s[:, None] - w
+    p = np.asarray(power, np.float64)
+    return float(p @ np.sum(np.square(d, dtype=np.float64), axis=1)
+                 / max(float(p @ np.sum(np.square(w, dtype=np.float64), axis=1)), 1e-30))
+
+
+def awq_scale(w: np.ndarray, power: np.ndarray, spec: BlockSpec, grid: tuple[float, ...] = AWQ_GRID
+              ) -> tuple[np.ndarray, float, float]:
+    """AWQ's input-channel scale for ``w`` (K, N) given ``power`` (E[x_k^2], (K,)): the grid point alpha with the
+    least `weighted_error` (see the module doc). Returns (scale float32 (K,), alpha, its error)."""
+    rms = np.sqrt(np.asarray(power, np.float64))
+    rms = np.maximum(rms, max(float(rms.max()), 1e-30) * 1e-4)  # a dead channel: no scale to 0
+    best = None
+    for alpha in grid:
+        s = rms ** alpha
+        s = (s / np.sqrt(s.max() * s.min())).astype(np.float32)
+        err = weighted_error(w, power, spec, s)
+        if best is None or err < best[2]:
+            best = (s, float(alpha), err)
+    return best

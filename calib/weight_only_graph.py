@@ -124,13 +124,26 @@ def _drop_if_unused(graph, value) -> None:
         graph.initializers.pop(value.name)
 
 
-def _matmul(graph, node, spec: wo.BlockSpec, form: str, name: str) -> None:
+def _matmul(graph, node, spec: wo.BlockSpec, form: str, name: str, scale: np.ndarray | None = None) -> None:
+    """Quantize ``node``'s weight in ``form``; with an input-channel ``scale`` (AWQ, `calib.weight_only`), the
+    codes are those of ``scale * W`` and a `Mul` by 1 / scale on the input comes first."""
     import onnx_ir as ir
 
     weight = node.inputs[1]
     k, n = (int(d) for d in weight.const_value.shape)
     wo.check_divisible(name, k, spec.block_size)
     tensor = weight.const_value
+    if scale is not None:
+        tensor = _Scaled(tensor, scale)
+        inverse = graph.initializers.get(f"{weight.name}.awq_inv")
+        if inverse is None:
+            inverse = ir.Value(name=f"{weight.name}.awq_inv", shape=ir.Shape([k]),
+                               type=ir.TensorType(ir.DataType.FLOAT))
+            inverse.const_value = ir.tensor((np.float32(1) / scale).astype(np.float32), name=inverse.name)
+            graph.register_initializer(inverse)
+        mul = ir.node("Mul", [node.inputs[0], inverse], name=f"{node.name or weight.name}.awq")
+        graph.insert_before(node, mul)
+        node.replace_input_with(0, mul.outputs[0])
     bs, blocks = spec.block_size, k // spec.block_size
     u8 = ir.DataType.UINT8
     if form == "matmulnbits":
@@ -155,6 +168,16 @@ def _matmul(graph, node, spec: wo.BlockSpec, form: str, name: str) -> None:
         graph.insert_before(node, dq)
         node.replace_input_with(1, dq.outputs[0])
     _drop_if_unused(graph, weight)
+
+
+class _Scaled:
+    """A weight tensor read as ``scale[:, None] * W`` (float32), still lazily."""
+
+    def __init__(self, tensor, scale: np.ndarray):
+        self.tensor, self.scale = tensor, np.asarray(scale, np.float32)
+
+    def numpy(self) -> np.ndarray:
+        return self.tensor.numpy() * self.scale[:, None]
 
 
 def _gather(graph, node, spec: wo.BlockSpec) -> None:
@@ -207,10 +230,11 @@ def fold_transposes(graph) -> int:
 
 
 def rewrite(model, choose: Callable[[str], wo.BlockSpec | None], form: str = "matmulnbits",
-            embeddings: wo.BlockSpec | None = None) -> Rewritten:
+            embeddings: wo.BlockSpec | None = None, scales: dict[str, np.ndarray] | None = None) -> Rewritten:
     """Rewrite ``model`` (an onnx-ir Model) in place: every weight MatMul whose weight name ``choose`` maps to a
     BlockSpec is quantized in ``form``; None keeps it float. ``embeddings``: embedding tables too (ONNX Runtime's
-    form only). Lazy: no weight is read here."""
+    form only). ``scales``: layer name -> AWQ input-channel scale (`calib.weight_only.awq_scale`). Lazy: no
+    weight is read here."""
     if form not in FORMS:
         raise RecipeError(f"weight-only form must be one of {FORMS}, got {form!r}")
     graph = model.graph
@@ -223,7 +247,7 @@ def rewrite(model, choose: Callable[[str], wo.BlockSpec | None], form: str = "ma
         if spec is None:
             done.kept_float.append(name)
             continue
-        _matmul(graph, node, spec, form, name)
+        _matmul(graph, node, spec, form, name, (scales or {}).get(name))
         done.layers[name] = spec.bits
     if embeddings is not None and form == "matmulnbits":
         for node in gathers:
@@ -265,11 +289,11 @@ def save(model, path: Path) -> None:
 
 
 def rewrite_file(src: Path, dst: Path, choose: Callable[[str], wo.BlockSpec | None], form: str = "matmulnbits",
-                 embeddings: wo.BlockSpec | None = None) -> Rewritten:
+                 embeddings: wo.BlockSpec | None = None, scales: dict[str, np.ndarray] | None = None) -> Rewritten:
     """`rewrite` a float ONNX file into ``dst`` (weights read from ``src``'s mapped data one at a time)."""
     import onnx_ir as ir
 
     model = ir.load(str(src))
-    done = rewrite(model, choose, form, embeddings)
+    done = rewrite(model, choose, form, embeddings, scales)
     save(model, dst)
     return done

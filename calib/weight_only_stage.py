@@ -9,8 +9,9 @@ int8/fp8 are (`calib.quantize`), with a data-free sensitivity fallback.
               by the mean square of each input channel on calibration calls) move one level up per round:
               4 -> 8 bits -> float
 
-No calibration data is needed to quantize (round to nearest); two calibration requests rank the layers for the
-fallback, the held-out ones gate. Memory: the rewrite
+No calibration data is needed to quantize round to nearest; two calibration requests rank the layers for the
+fallback and, with ``weight_method: awq``, give the activation statistics AWQ's scales are searched on; the
+held-out ones gate. Memory: the rewrite
 reads one weight at a time from the raw export's mapped data (`calib.weight_only_graph`).
 """
 
@@ -78,12 +79,39 @@ def embedding_spec(recipe: Recipe, stage: str, form: str) -> wo.BlockSpec | None
     return wo.BlockSpec(recipe.embedding_bits, recipe.block_size, recipe.symmetric)
 
 
-def sensitivity(raw: Path, layers: dict[str, int], recipe: Recipe, feeds: Sequence[dict] = ()) -> dict[str, float]:
+def sensitivity(raw: Path, layers: dict[str, int], recipe: Recipe, feeds: Sequence[dict] = (),
+                scales: dict[str, np.ndarray] | None = None) -> dict[str, float]:
     """Per layer: the output error its weight's quantization causes relative to its output, activation-aware:
     sum_k E[x_k^2] |dW_k|^2 / sum_k E[x_k^2] |W_k|^2 over input channels k, with E[x_k^2] measured on ``feeds``
-    (the held-out calls; `calib.activations` fetches the layer inputs in chunks). A layer reading outlier channels
-    ranks high even when its weights quantize as well as any other's (random weights all do). Without feeds: the
-    weight's own noise-to-signal ratio. Weights are read one at a time from ``raw``'s mapped data."""
+    (`calib.activations` fetches the layer inputs in chunks) and dW that of the layer's AWQ scale where
+    ``scales`` has one (`calib.weight_only.weighted_error`). A layer reading outlier channels ranks high even when
+    its weights quantize as well as any other's (random weights all do). Without feeds: the weight's own
+    noise-to-signal ratio. Weights are read one at a time from ``raw``'s mapped data."""
+    out = {}
+    for name, w, power in _layer_weights(raw, layers, feeds):
+        spec = wo.BlockSpec(layers[name], recipe.block_size, recipe.symmetric)
+        out[name] = wo.weight_error(w, spec) if power is None else wo.weighted_error(
+            w, power, spec, (scales or {}).get(name))
+    return out
+
+
+def awq_scales(raw: Path, layers: dict[str, int], recipe: Recipe, feeds: Sequence[dict],
+               searched: dict | None = None) -> dict[str, tuple[np.ndarray, float]]:
+    """Layer name -> (AWQ input-channel scale, its alpha) at the layer's bits (`calib.weight_only.awq_scale`),
+    E[x_k^2] from ``feeds``. ``searched``: (name, bits) -> result, kept across fallback rounds so that only the
+    layers that moved are searched again."""
+    searched = {} if searched is None else searched
+    todo = {n: b for n, b in layers.items() if (n, b) not in searched}
+    for name, w, power in _layer_weights(raw, todo, feeds) if todo else ():
+        if power is not None:
+            spec = wo.BlockSpec(layers[name], recipe.block_size, recipe.symmetric)
+            searched[(name, layers[name])] = wo.awq_scale(w, power, spec)[:2]
+    return {n: searched[(n, b)] for n, b in layers.items() if (n, b) in searched}
+
+
+def _layer_weights(raw: Path, layers: dict[str, int], feeds: Sequence[dict]):
+    """(layer name, its weight (K, N), E[x_k^2] of its input over ``feeds`` or None) for each of ``layers`` in
+    ``raw``, one weight read at a time."""
     import onnx_ir as ir
 
     model = ir.load(str(raw))
@@ -91,18 +119,8 @@ def sensitivity(raw: Path, layers: dict[str, int], recipe: Recipe, feeds: Sequen
     nodes = {wg.layer_name(n, n.inputs[1]): n for n in wg.weight_nodes(model.graph)[0]}
     nodes = {name: n for name, n in nodes.items() if name in layers}
     power = _input_power(raw, {name: n.inputs[0].name for name, n in nodes.items()}, feeds) if feeds else {}
-    out = {}
     for name, node in nodes.items():
-        w = node.inputs[1].const_value.numpy()  # (K, N)
-        spec = wo.BlockSpec(layers[name], recipe.block_size, recipe.symmetric)
-        if name not in power:
-            out[name] = wo.weight_error(w, spec)
-            continue
-        d = wo.dequantize_blocks(wo.quantize_blocks(w, spec)) - w
-        p = power[name].astype(np.float64)
-        out[name] = float(p @ np.sum(np.square(d, dtype=np.float64), axis=1)
-                          / max(float(p @ np.sum(np.square(w, dtype=np.float64), axis=1)), 1e-30))
-    return out
+        yield name, node.inputs[1].const_value.numpy(), power.get(name)
 
 
 def _input_power(raw: Path, inputs: dict[str, str], feeds: Sequence[dict]) -> dict[str, np.ndarray]:
@@ -206,11 +224,11 @@ def _held_out(float_bundle: Path, recipe: Recipe, stage: str, workdir: Path, thr
     return _HeldOut(pipe, reqs, feeds, [cap.run(pipe, req, steps).frames for req in reqs], steps)
 
 
-def _scores(held: _HeldOut, raw: Path, layers: dict[str, int], recipe: Recipe, stage: str, workdir: Path) -> dict:
-    """The fallback's ranking, on two calibration requests (never the gate's own calls)."""
+def _calibration_feeds(held: _HeldOut, stage: str, workdir: Path) -> Sequence[dict]:
+    """The stage's calls on two calibration requests (never the gate's own): what ranks the fallback's layers and
+    what AWQ's scales are searched on."""
     calib_reqs = cap.requests(tuple(held.pipe.manifest.tasks), 2, (0,), "calibration")
-    feeds = cap.capture(held.pipe, stage, calib_reqs, min(held.steps, 2), workdir / f"{stage}.calib")
-    return sensitivity(raw, layers, recipe, feeds)
+    return cap.capture(held.pipe, stage, calib_reqs, min(held.steps, 2), workdir / f"{stage}.calib")
 
 
 def quantize_weight_only_stage(float_bundle: Path, raw: Path, recipe: Recipe, stage: str, workdir: Path,
@@ -228,18 +246,26 @@ def quantize_weight_only_stage(float_bundle: Path, raw: Path, recipe: Recipe, st
         held = _held_out(float_bundle, recipe, stage, workdir, threads, low_memory)
     fallback: list[str] = []
     rounds: list[dict] = []
-    scores = None
+    scores, feeds, searched, scales = None, None, {}, None
     fmt = recipe.format_of(stage)
     for round_ in range(recipe.max_fallback_rounds + 1):
         folder = workdir / f"{stage}.wo{round_}"
         folder.mkdir(exist_ok=True)
         candidate, cpu = folder / f"{stage}.{form}.onnx", folder / f"{stage}.onnx"
+        if recipe.weight_method == "awq":
+            with peaks.phase("awq"):
+                feeds = _calibration_feeds(held, stage, workdir) if feeds is None else feeds
+                found = awq_scales(raw, layers, recipe, feeds, searched)
+                scales = {n: scale for n, (scale, _) in found.items()}
         with peaks.phase("quantize"):
-            done = wg.rewrite_file(raw, candidate, chooser(layers, recipe), form, embedding_spec(recipe, stage, form))
+            done = wg.rewrite_file(raw, candidate, chooser(layers, recipe), form, embedding_spec(recipe, stage, form),
+                                   scales)
             optimize_for_ort(candidate, cpu)
         with peaks.phase("evaluate"):
             metrics = evaluate(held.pipe, stage, cpu, held.feeds, held.reqs, held.frames, held.steps, threads)
         counts = bit_counts(layers)
+        if scales is not None:  # how far the search moved from round to nearest (alpha 0)
+            counts["awq_mean_alpha"] = round(float(np.mean([a for _, a in found.values()] or [0.0])), 3)
         rounds.append({**counts, **metrics.to_json()})
         log(f"  round {round_}: {counts['layers_4bit']} layers in 4 bits, {counts['layers_8bit']} in 8 bits ({fmt}): "
             f"{metrics.shortfall(recipe)}")
@@ -251,7 +277,8 @@ def quantize_weight_only_stage(float_bundle: Path, raw: Path, recipe: Recipe, st
             break
         if scores is None:
             with peaks.phase("sensitivity"):
-                scores = _scores(held, raw, layers, recipe, stage, workdir)
+                feeds = _calibration_feeds(held, stage, workdir) if feeds is None else feeds
+                scores = sensitivity(raw, layers, recipe, feeds, scales)
         fallback += raise_level(layers, scores, recipe.fallback_fraction)
     raise AccuracyBudgetError(f"{stage}: {recipe.name} ({fmt}) misses its accuracy budget after {len(rounds)} rounds "
                               f"({len(fallback)} layer moves up): {metrics.shortfall(recipe)}. Relax the budget in "

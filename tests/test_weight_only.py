@@ -112,6 +112,62 @@ def test_a_block_size_that_does_not_divide_k_is_refused():
 
 
 # --- quantized while streaming == quantized after export; the stage computes the reference's weights ------------
+def test_awq_scales_the_outlier_channels_and_never_loses_to_round_to_nearest():
+    """AWQ's search (`calib.weight_only.awq_scale`) on a layer whose input has a few loud channels (RMS 30 against
+    1, as LLM activations have): it picks alpha > 0, its activation-weighted error is below round to nearest's,
+    and so is the output error on fresh inputs of that distribution. With every channel equally loud the scale is
+    all ones: round to nearest exactly."""
+    rng = np.random.default_rng(7)
+    k, n, spec = 256, 64, wo.BlockSpec(4, 32, True)
+    w = (rng.standard_normal((k, n)) * 0.02).astype(np.float32)
+    rms = np.ones(k, np.float32)
+    rms[rng.choice(k, 8, replace=False)] = 30.0
+    scale, alpha, err = wo.awq_scale(w, np.square(rms), spec)
+    assert alpha > 0 and err < 0.8 * wo.weighted_error(w, np.square(rms), spec)
+    x = (rng.standard_normal((4096, k)) * rms).astype(np.float32)  # held out: not what the scale was searched on
+
+    def output_error(effective):
+        return float(np.linalg.norm(x @ effective - x @ w))
+
+    awq = wo.dequantize_blocks(wo.quantize_blocks(w * scale[:, None], spec)) / scale[:, None]
+    rtn = wo.dequantize_blocks(wo.quantize_blocks(w, spec))
+    assert output_error(awq) < 0.8 * output_error(rtn)
+    flat, _, flat_err = wo.awq_scale(w, np.ones(k), spec)
+    assert np.array_equal(flat, np.ones(k, np.float32)) and flat_err == wo.weighted_error(w, np.ones(k), spec)
+
+
+@pytest.mark.parametrize("form", wg.FORMS)
+def test_an_awq_layer_is_the_scaled_weights_codes_behind_a_mul_by_the_inverse_scale(form, tmp_path):
+    """A layer rewritten with an AWQ scale s: its codes are the reference quantizer's codes of s * W (bit for bit),
+    its input goes through one Mul by 1 / s (exact float32), and ONNX Runtime computes (x / s) Q(s W) (up to
+    summation order: rtol 1e-5); the layer without a scale is plain round to nearest."""
+    rng = np.random.default_rng(1)
+    w1, w2 = (rng.standard_normal((64, 64)) * 0.1).astype(np.float32), rng.standard_normal((64, 32)).astype(np.float32)
+    two = _model([helper.make_node("MatMul", ["x", "a.weight"], ["h"]), helper.make_node("MatMul", ["h", "b.weight"], ["y"])],
+                 [helper.make_tensor_value_info("x", 1, ["m", 64])], [helper.make_tensor_value_info("y", 1, ["m", 32])],
+                 [numpy_helper.from_array(w1, "a.weight"), numpy_helper.from_array(w2, "b.weight")], ms=False)
+    onnx.save(two, str(tmp_path / "two.onnx"))
+    spec = wo.BlockSpec(4, 32)
+    s = np.exp(rng.uniform(-1, 1, 64)).astype(np.float32)
+    wg.rewrite_file(tmp_path / "two.onnx", tmp_path / "q.onnx", lambda name: spec, form, scales={"a.weight": s})
+    q = onnx.load(str(tmp_path / "q.onnx"))
+    inits = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
+    muls = [n for n in q.graph.node if n.op_type == "Mul"]
+    assert [(m.input[0], m.input[1]) for m in muls] == [("x", "a.weight.awq_inv")]
+    np.testing.assert_array_equal(inits["a.weight.awq_inv"], np.float32(1) / s)
+    bq = wo.quantize_blocks(w1 * s[:, None], spec)
+    if form == "dequantize":
+        np.testing.assert_array_equal(inits["a.weight.q4.x"], wo.dequantize_linear_tensors(bq)["x"])
+    else:
+        np.testing.assert_array_equal(inits["a.weight.q4.B"], wo.matmul_nbits_tensors(bq)["B"])
+    so = ort.SessionOptions()
+    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    x = rng.standard_normal((5, 64)).astype(np.float32)
+    got = ort.InferenceSession(str(tmp_path / "q.onnx"), so).run(None, {"x": x})[0]
+    want = ((x * (np.float32(1) / s)) @ wo.dequantize_blocks(bq)) @ wo.dequantize_blocks(wo.quantize_blocks(w2, spec))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("wo") / "sana"
@@ -343,6 +399,29 @@ def test_the_fallback_raises_the_most_sensitive_layers_and_fails_with_numbers(pl
               if line.strip().startswith("round")]
     assert counts[0][1] == 0 and [c[0] for c in counts] == sorted((c[0] for c in counts), reverse=True)
     assert counts[-1][1] > counts[1][1] > 0  # layers moved up to 8 bits, none dropped to float yet
+
+
+def test_an_awq_stage_is_searched_on_calibration_calls_and_gated_like_round_to_nearest(planner_files, bundles,
+                                                                                       checkpoint, tmp_path):
+    """weight_method awq through the stage flow on the tiny planner: the scales are searched on two calibration
+    requests through the float bundle, every quantized layer's input goes through its scale's Mul, the stage is
+    gated on the held-out requests, the round says how far the search moved. A lazy build with an awq recipe
+    takes the float-bundle path (the search needs its calls); an unknown method is refused."""
+    from metacanvas_deploy.calib.weight_only_stage import quantize_weight_only_stage
+    from metacanvas_deploy.mc_export.weight_only_build import streams
+
+    root, _, _ = planner_files
+    recipe = dataclasses.replace(recipe_for_backbone("sana", "w4"), **QUICK, weight_method="awq")
+    q = quantize_weight_only_stage(bundles["sana"], root / "fp32.onnx", recipe, "planner", tmp_path, threads=1,
+                                   log=lambda *a: None)
+    assert q.metrics.passes(recipe) and 0.0 <= q.rounds[-1]["awq_mean_alpha"] <= 1.0
+    graph = onnx.load(str(q.qdq_path), load_external_data=False).graph
+    scaled = {n.input[1].removesuffix(".awq_inv") for n in graph.node if n.op_type == "Mul" and n.name.endswith(".awq")}
+    quantized = {n.input[1].rsplit(".q", 1)[0] for n in graph.node if n.op_type == "MatMulNBits"}
+    assert scaled == quantized and len(scaled) >= 10
+    assert not streams(recipe, MetaCanvas.from_pretrained(checkpoint, lazy=True))
+    with pytest.raises(RecipeError, match="weight_method must be one of"):
+        dataclasses.replace(recipe, weight_method="gptq")
 
 
 @pytest.mark.parametrize("form", wg.FORMS)
