@@ -20,7 +20,7 @@ from benchmarks.env import fingerprint
 from benchmarks.errors import BenchmarkError
 from benchmarks.timing import in_fresh_process, run_alternating, summarize
 
-PRECISIONS = ("fp32", "w8", "w4")
+PRECISIONS = ("fp32", "w8", "w4", "w4-awq")  # w4-awq: the w4 recipe with AWQ's scales (`weight_method: awq`)
 QUICK_GATE = dict(held_out_prompts=1, held_out_seeds=(1000,), evaluation_steps=2)
 
 
@@ -48,11 +48,13 @@ def quantized_bundles(bcfg, model, fp32: Path, log) -> dict[str, Path]:
 
     out = {"fp32": fp32}
     layers = getattr(model.transformer.config, "num_layers", None)
-    for precision in PRECISIONS[1:]:
-        recipe = dataclasses.replace(recipe_for_backbone(model.cfg.backbone, precision, layers), **QUICK_GATE)
-        cfg = dataclasses.replace(bcfg, out=Path(str(fp32) + f"-{precision}"), precision=precision, recipe=recipe,
+    for candidate in PRECISIONS[1:]:
+        precision, _, method = candidate.partition("-")
+        recipe = dataclasses.replace(recipe_for_backbone(model.cfg.backbone, precision, layers), **QUICK_GATE,
+                                     weight_method=method or "rtn")
+        cfg = dataclasses.replace(bcfg, out=Path(str(fp32) + f"-{candidate}"), precision=precision, recipe=recipe,
                                   float_bundle=fp32)
-        out[precision] = build(cfg, log=log)
+        out[candidate] = build(cfg, log=log)
     return out
 
 
@@ -156,7 +158,8 @@ def _gate(bundle: Path) -> dict:
     import json
 
     q = json.loads((Path(bundle) / "manifest.json").read_text())["build"]["quantization"]["stages"]
-    return {s: {"layers": r["quantized_layers"], "kernels": r["integer_kernels"], **r["metrics"]} for s, r in q.items()}
+    return {s: {"layers": r["quantized_layers"], "kernels": r["integer_kernels"], **r["metrics"],
+                "rounds": r.get("rounds", [])} for s, r in q.items()}
 
 
 def render_weight_only(result: dict) -> str:
@@ -175,6 +178,9 @@ def render_weight_only(result: dict) -> str:
                      f"{r['accuracy']['cosine']:.6f} |")
     lines += ["", "Gates at build time (against the fp32 bundle):"]
     for precision, stages in result["gates"].items():
-        lines += [f"- {precision} {s}: {g['layers']} layers, PSNR {g['mean_psnr_db']:.1f} dB, stage cosine "
-                  f"{g['stage_cosine']:.5f}" for s, g in stages.items()]
+        for s, g in stages.items():
+            first = (f"; round 0 (every layer at the recipe's bits): stage cosine "
+                     f"{g['rounds'][0]['stage_cosine']:.5f}, {len(g['rounds'])} rounds" if g["rounds"] else "")
+            lines.append(f"- {precision} {s}: {g['layers']} layers, PSNR {g['mean_psnr_db']:.1f} dB, stage cosine "
+                         f"{g['stage_cosine']:.5f}{first}")
     return "\n".join(lines) + "\n"
