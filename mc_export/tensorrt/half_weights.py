@@ -101,16 +101,6 @@ def finish_graph(path: Path) -> None:
         onnx.save_model(model, str(path))
 
 
-def weight_initializers(model: onnx.ModelProto) -> list[str]:
-    """Names of the float32 initializers of two or more dims that only feed weight slots (see the module doc)."""
-    uses = defaultdict(list)
-    for node in model.graph.node:
-        for i, name in enumerate(node.input):
-            uses[name].append((node.op_type, i, node.output[0] if node.output else ""))
-    floats = [t.name for t in model.graph.initializer if t.data_type == TensorProto.FLOAT and len(t.dims) >= 2]
-    return _weights_only(floats, uses, {o.name for o in model.graph.output})
-
-
 def _weights_only(names: list[str], uses: dict, graph_outputs: set[str]) -> list[str]:
     """Those of ``names`` read only as weights, directly or through ops that move values (shape reads aside), at
     least once. ``uses``: value name -> [(op type, input index, the node's first output)]."""
