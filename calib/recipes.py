@@ -94,8 +94,10 @@ class Recipe:
     symmetric: bool = True
     embedding_bits: int | None = 8
     # rtn: round to nearest, no data; awq: AWQ's activation-aware input-channel scales, searched on two
-    # calibration requests through the float bundle (`calib.weight_only.awq_scale`)
+    # calibration requests through the float bundle (`calib.weight_only.awq_scale`); per stage:
+    # (stage, method) pairs overriding it (on the small SANA, AWQ helps the DiT step and not the planner)
     weight_method: str = "rtn"
+    stage_weight_methods: tuple[tuple[str, str], ...] = ()
     streamed_min_cosine: float = 0.99
     streamed_max_rel: float = 1.0
 
@@ -140,9 +142,13 @@ class Recipe:
                 raise RecipeError(f"recipe {self.name}: stage {stage} format must be one of {FORMATS}, got {fmt!r}")
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise RecipeError(f"recipe {self.name}: block_size must be a power of 2 >= 16, got {self.block_size}")
-        if self.weight_method not in WEIGHT_METHODS:
-            raise RecipeError(f"recipe {self.name}: weight_method must be one of {WEIGHT_METHODS}, got "
-                              f"{self.weight_method!r}")
+        for stage, method in (("", self.weight_method), *self.stage_weight_methods):
+            if stage and stage not in self.stages:
+                raise RecipeError(f"recipe {self.name}: stage_weight_methods names {stage!r}, which is not in "
+                                  f"stages {self.stages}")
+            if method not in WEIGHT_METHODS:
+                raise RecipeError(f"recipe {self.name}: weight_method{f' of {stage}' if stage else ''} must be one "
+                                  f"of {WEIGHT_METHODS}, got {method!r}")
         if self.embedding_bits not in (None, 4, 8):
             raise RecipeError(f"recipe {self.name}: embedding_bits must be 4, 8 or null, got {self.embedding_bits!r}")
         if not 0.0 < self.streamed_min_cosine <= 1.0 or self.streamed_max_rel <= 0:
@@ -151,6 +157,11 @@ class Recipe:
     def format_of(self, stage: str) -> str:
         """The format ``stage`` is quantized to (its ``stage_formats`` entry, else ``format``)."""
         return dict(self.stage_formats).get(stage, self.format)
+
+    def method_of(self, stage: str) -> str:
+        """How ``stage``'s weight-only layers are rounded (its ``stage_weight_methods`` entry, else
+        ``weight_method``)."""
+        return dict(self.stage_weight_methods).get(stage, self.weight_method)
 
     def keeps_float(self, weight_name: str, stage: str | None = None) -> bool:
         patterns = (*self.keep_float, *(p for s, p in self.stage_keep_float if s == stage))
@@ -167,7 +178,7 @@ class Recipe:
             for key in ("stages", "keep_float", "held_out_seeds"):
                 if key in data:
                     data[key] = tuple(data[key])
-            for key in ("stage_formats", "stage_keep_float"):
+            for key in ("stage_formats", "stage_keep_float", "stage_weight_methods"):
                 if key in data:
                     data[key] = tuple(tuple(pair) for pair in data[key])
             return cls(**data)

@@ -252,7 +252,7 @@ def quantize_weight_only_stage(float_bundle: Path, raw: Path, recipe: Recipe, st
         folder = workdir / f"{stage}.wo{round_}"
         folder.mkdir(exist_ok=True)
         candidate, cpu = folder / f"{stage}.{form}.onnx", folder / f"{stage}.onnx"
-        if recipe.weight_method == "awq":
+        if recipe.method_of(stage) == "awq":
             with peaks.phase("awq"):
                 feeds = _calibration_feeds(held, stage, workdir) if feeds is None else feeds
                 found = awq_scales(raw, layers, recipe, feeds, searched)

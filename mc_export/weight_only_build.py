@@ -72,8 +72,8 @@ def check_stages(components, recipe: Recipe) -> None:
 def streams(recipe: Recipe, model) -> bool:
     """Whether a build takes this path: lazy weights, and every stage the recipe quantizes weight-only, round to
     nearest (AWQ searches its scales on calibration calls, which need the float bundle)."""
-    return getattr(model, "lazy_weights", None) is not None and recipe.weight_method == "rtn" and all(
-        recipe.format_of(s) in WEIGHT_ONLY for s in recipe.stages)
+    return getattr(model, "lazy_weights", None) is not None and all(
+        recipe.format_of(s) in WEIGHT_ONLY and recipe.method_of(s) == "rtn" for s in recipe.stages)
 
 
 def tolerance(recipe: Recipe) -> Tolerance:

@@ -419,9 +419,18 @@ def test_an_awq_stage_is_searched_on_calibration_calls_and_gated_like_round_to_n
     scaled = {n.input[1].removesuffix(".awq_inv") for n in graph.node if n.op_type == "Mul" and n.name.endswith(".awq")}
     quantized = {n.input[1].rsplit(".q", 1)[0] for n in graph.node if n.op_type == "MatMulNBits"}
     assert scaled == quantized and len(scaled) >= 10
-    assert not streams(recipe, MetaCanvas.from_pretrained(checkpoint, lazy=True))
+    lazy = MetaCanvas.from_pretrained(checkpoint, lazy=True)
+    assert not streams(recipe, lazy) and streams(dataclasses.replace(recipe, weight_method="rtn"), lazy)
+    per_stage = dataclasses.replace(recipe, weight_method="rtn", stage_weight_methods=(("denoise", "awq"),))
+    assert (per_stage.method_of("planner"), per_stage.method_of("denoise")) == ("rtn", "awq")
+    assert type(recipe).from_json(json.loads(json.dumps(per_stage.to_json()))) == per_stage
+    assert not streams(per_stage, lazy)
     with pytest.raises(RecipeError, match="weight_method must be one of"):
         dataclasses.replace(recipe, weight_method="gptq")
+    with pytest.raises(RecipeError, match="weight_method of denoise must be one of"):
+        dataclasses.replace(recipe, stage_weight_methods=(("denoise", "gptq"),))
+    with pytest.raises(RecipeError, match="stage_weight_methods names 'vae_decoder'"):
+        dataclasses.replace(recipe, stage_weight_methods=(("vae_decoder", "awq"),))
 
 
 @pytest.mark.parametrize("form", wg.FORMS)
