@@ -66,9 +66,10 @@ if {frames_out!r}:
 
 
 def _run_child(body: str) -> dict:
-    """``body`` in a fresh process: its JSON result, wall seconds and peak resident MiB (ru_maxrss)."""
+    """``body`` in a fresh process: its JSON result, wall seconds and peak resident MiB (ru_maxrss). Its output is
+    unbuffered, so a long phase's progress lines come as they are written."""
     started = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", _CHILD.format(body=body)], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-u", "-c", _CHILD.format(body=body)], stdout=subprocess.PIPE, text=True)
     out_lines = []
     for line in proc.stdout:
         out_lines.append(line)

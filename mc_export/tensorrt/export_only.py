@@ -127,7 +127,7 @@ def _gate(comp, onnx_path: Path, folder: Path, cfg, weights, log) -> tuple[dict,
     if not cfg.verify:
         return {}, "not run (--no-verify)"
     recorded = _Recorded(comp)
-    rows, skipped = gate_stage(recorded, onnx_path, weights, GATE_TOLERANCE.get(cfg.precision))
+    rows, skipped = gate_stage(recorded, onnx_path, weights, GATE_TOLERANCE.get(cfg.precision), log)
     if skipped:
         log(f"  {comp.spec.stage}: not gated here and no references for the GPU machine: {skipped}")
         return {}, f"not gated: {skipped}"
