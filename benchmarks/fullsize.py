@@ -9,7 +9,8 @@ Per stage (from the manifest the build writes, `build.stages` and `build.parity`
 resident and private memory, bytes, the gate's verdict. For the whole build and the whole request (each in a fresh
 process): wall time, peak resident memory (the kernel's ru_maxrss) and peak private memory (RssAnon, sampled every
 20 ms: what mapped weights do not count against), plus disk: checkpoint, bundle, and the free space left. The
-request runs in low-memory mode (one stage at a time, weights mapped) and reports each stage's engine time.
+request runs in low-memory mode (one stage at a time, weights mapped) and reports each stage's engine time; a
+bundle without a text-only task (FLUX.1-Kontext edits) is given a fixed colour-gradient image.
 ``--frames-out`` keeps the request's frames; ``--reference`` (another run's ``--frames-out``, e.g. the fp32 bundle's
 at the same shape, prompt and seed) adds their PSNR: how far a quantized bundle lands from the float path.
 With ``--build-args "--target tensorrt --export-only --precision bf16"`` OUT is a TensorRT export (engines are
@@ -55,9 +56,17 @@ result["exit"] = main({argv!r})
 """
 
 _GENERATE = """
+import numpy as np
 from metacanvas_deploy.runtime.pipeline import Pipeline
 pipe = Pipeline.load({bundle!r}, low_memory=True)
-out = pipe({prompt!r}, height={height}, width={width}, num_frames={frames}, num_inference_steps={steps}, seed=0)
+# a bundle with no text-only task (FLUX.1-Kontext edits) gets a fixed test image: a colour gradient
+image = None
+if not {{"t2i", "t2v"}} & set(pipe.manifest.tasks):
+    y, x = np.mgrid[0:{height}, 0:{width}]
+    image = np.stack([x * 255 // max({width} - 1, 1), y * 255 // max({height} - 1, 1), (x + y) % 256], -1)
+    image = image.astype(np.uint8)
+out = pipe({prompt!r}, image=image, height={height}, width={width}, num_frames={frames}, num_inference_steps={steps},
+           seed=0)
 result.update(timings=out.timings, calls=out.calls, frames=list(out.frames.shape))
 if {frames_out!r}:
     import numpy as np
