@@ -29,8 +29,10 @@ from metacanvas_deploy.mc_export.models.presets import Preset, get_preset
 
 # Layers every backbone keeps float (module paths, which are the ONNX weight names): the canvas injector (a
 # zero-initialised residual connector: its small output rides on top of the latents), the DiT's output
-# projection and its norm. `calib.recipes` says why these and the embedders.
-COMMON_KEEP_FLOAT = (r"^injector\.", r"(^|\.)proj_out\.", r"(^|\.)norm_out\.")
+# projection and its norm (the DiT's own, at its top level: FLUX's single blocks name their MLP-out projection
+# `proj_out` too, 1.8B parameters at full size, which are quantized like any block linear). `calib.recipes` says why
+# these and the embedders.
+COMMON_KEEP_FLOAT = (r"^injector\.", r"^(transformer\.)?proj_out\.", r"^(transformer\.)?norm_out\.")
 # Weight-only planner (every backbone's: the planner is MetaCanvas', not the DiT's): the Qwen LM's linears are
 # quantized; the connectors (context MLP, canvas prep: small, zero-initialised outputs) and the LoRA adapters
 # (rank-r factors whose K is the rank, below any block) stay float. The vision tower is a stage of its own (its

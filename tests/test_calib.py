@@ -73,6 +73,8 @@ def test_recipe_round_trips_and_its_digest_tracks_every_field():
     for backbone in ("wan", "flux", "sana"):
         rec = recipe_for_backbone(backbone, "fp8")
         assert rec.keeps_float("transformer.proj_out.weight") and rec.keeps_float("injector.out.weight")
+        # a block's own proj_out (FLUX's single blocks) is a block linear, quantized
+        assert not rec.keeps_float("transformer.single_transformer_blocks.3.proj_out.weight")
         assert rec.calibration == "minmax" and not rec.per_channel_weights  # per-tensor amax
     assert recipe_for_backbone("sana", "int8", target="tensorrt").reduce_range is False
 
