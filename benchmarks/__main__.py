@@ -74,8 +74,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads (default 2)")
     p.add_argument("--cache", type=Path, help="where benchmark bundles go")
     p.add_argument("--out", type=Path, help="write the result JSON here")
-    p = sub.add_parser("weight-only", help="planner and denoise step in fp32, w8, w4 and w4 with AWQ vs PyTorch eager: latency, "
-                                           "memory, bytes, accuracy")
+    p = sub.add_parser("weight-only", help="planner and denoise step in fp32, w8, w4, w4 with AWQ vs PyTorch eager: "
+                                           "latency, memory, bytes, accuracy")
     p.add_argument("--backbone", choices=BACKBONES, required=True)
     p.add_argument("--preset", choices=["tiny", "small"], default="small", help="default: small")
     p.add_argument("--cache", type=Path, help="where benchmark bundles go")

@@ -143,7 +143,8 @@ def test_an_awq_layer_is_the_scaled_weights_codes_behind_a_mul_by_the_inverse_sc
     summation order: rtol 1e-5); the layer without a scale is plain round to nearest."""
     rng = np.random.default_rng(1)
     w1, w2 = (rng.standard_normal((64, 64)) * 0.1).astype(np.float32), rng.standard_normal((64, 32)).astype(np.float32)
-    two = _model([helper.make_node("MatMul", ["x", "a.weight"], ["h"]), helper.make_node("MatMul", ["h", "b.weight"], ["y"])],
+    two = _model([helper.make_node("MatMul", ["x", "a.weight"], ["h"]),
+                  helper.make_node("MatMul", ["h", "b.weight"], ["y"])],
                  [helper.make_tensor_value_info("x", 1, ["m", 64])], [helper.make_tensor_value_info("y", 1, ["m", 32])],
                  [numpy_helper.from_array(w1, "a.weight"), numpy_helper.from_array(w2, "b.weight")], ms=False)
     onnx.save(two, str(tmp_path / "two.onnx"))

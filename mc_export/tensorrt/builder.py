@@ -168,8 +168,9 @@ def lower_sequences(model) -> int:
     sizes constant, or a 1-D tensor of static length), and each SequenceAt into an Identity (or a Squeeze, for
     ``keepdims=0`` without ``split``) of the matching part: the same values, in ops TensorRT parses. torch's
     split/chunk/unbind export as SplitToSequence when onnxscript's optimizer is off (SANA's graphs:
-    `ComponentSpec.optimize`; every export with lazy weights, whose values it cannot fold). Edits ``model`` in place; returns
-    how many were lowered. BuildError for a sequence op this cannot lower (dynamic split sizes or positions)."""
+    `ComponentSpec.optimize`; every export with lazy weights, whose values it cannot fold). Edits ``model`` in
+    place; returns how many were lowered. BuildError for a sequence op this cannot lower (dynamic split sizes or
+    positions)."""
     import onnx
     from onnx import helper, numpy_helper
 

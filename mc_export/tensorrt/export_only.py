@@ -3,11 +3,11 @@ that has none (`export_folder` describes the folder). The GPU machine then turns
 the checkpoint (`target_build`, `python -m mc_export engines`).
 
 Per stage, in one pass: the export TensorRT parses (decomposed attention, no ONNX Runtime-only ops), weights
-stored in 16 bits for fp16/bf16 as they are written and sequences lowered (`half_weights`), the graph checks a TensorRT build
-makes (`builder.check_onnx`), then the stage's parity gate run by ONNX Runtime on that very file against the
-PyTorch reference, at the precision's tolerance (`precision.GATE_TOLERANCE`; the spec's for fp32). The gate's
-inputs and PyTorch outputs are kept as the references the GPU machine gates each engine against, so the
-references are exactly what the export was checked with (lazy weights included: `stages.gate_stage`).
+stored in 16 bits for fp16/bf16 as they are written and sequences lowered (`half_weights`), the graph checks a
+TensorRT build makes (`builder.check_onnx`), then the stage's parity gate run by ONNX Runtime on that very file
+against the PyTorch reference, at the precision's tolerance (`precision.GATE_TOLERANCE`; the spec's for fp32).
+The gate's inputs and PyTorch outputs are kept as the references the GPU machine gates each engine against, so
+the references are exactly what the export was checked with (lazy weights included: `stages.gate_stage`).
 """
 
 from __future__ import annotations
