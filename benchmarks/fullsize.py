@@ -69,7 +69,6 @@ out = pipe({prompt!r}, image=image, height={height}, width={width}, num_frames={
            seed=0)
 result.update(timings=out.timings, calls=out.calls, frames=list(out.frames.shape))
 if {frames_out!r}:
-    import numpy as np
     np.save({frames_out!r}, out.frames)
 """
 

@@ -123,13 +123,18 @@ def write_stages(components: dict[str, Component], bundle_dir: Path, cfg, log, w
             raw = (Path(raw_dir) / f"{stage}.raw.onnx") if kept else Path(scratch) / f"{stage}.onnx"
             with rss_phase() as memory:
                 entry, out.gates[stage], out.records[stage] = _write_stage(comp, raw, bundle_dir, cfg, log, weights)
-            out.records[stage].update(peak_rss_mb=round(memory["peak_mb"], 1),
-                                      end_private_mb=memory["end_private_mb"], memory_scope=memory["scope"])
+            out.records[stage].update(stage_memory(memory))
             out.files.update({name: "" for name in entry.external_data})
             out.engines[stage] = entry
             if kept:
                 out.raws[stage] = raw if raw.exists() else None
     return out
+
+
+def stage_memory(memory: dict) -> dict:
+    """A stage record's memory fields from its `rss_phase` record."""
+    return {"peak_rss_mb": round(memory["peak_mb"], 1), "end_private_mb": memory["end_private_mb"],
+            "memory_scope": memory["scope"]}
 
 
 def _write_stage(comp: Component, raw: Path, bundle_dir: Path, cfg, log, weights):

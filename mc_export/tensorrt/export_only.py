@@ -22,7 +22,7 @@ import numpy as np
 
 from metacanvas_deploy.mc_export.errors import ExportFolderError
 from metacanvas_deploy.mc_export.export.onnx_export import export_component
-from metacanvas_deploy.mc_export.stages import gate_stage, plan_stages
+from metacanvas_deploy.mc_export.stages import gate_stage, plan_stages, stage_memory
 from metacanvas_deploy.mc_export.tensorrt.builder import check_onnx
 from metacanvas_deploy.mc_export.tensorrt.export_folder import (
     EXPORT_FORMAT,
@@ -68,8 +68,7 @@ def export_for_tensorrt(cfg, model, ranges, steps: int, weights_digest: str, log
         for stage, comp in components.items():
             with rss_phase() as memory:
                 stages[stage], records[stage] = _export_stage(comp, tmp, cfg, weights, log)
-            records[stage].update(peak_rss_mb=round(memory["peak_mb"], 1), end_private_mb=memory["end_private_mb"],
-                                  memory_scope=memory["scope"])
+            records[stage].update(stage_memory(memory))
         model.tokenizer.tokenizer.save(str(tmp / "tokenizer.json"))
         skeleton = _skeleton(cfg, model, ranges, steps, key, components, stages, records)
         return {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "precision": cfg.precision,
