@@ -86,8 +86,7 @@ def _pass_case(raw: Path, backbone: str, fmt: str, mode: str, calls: int, preset
     recipe = dataclasses.replace(recipe_for_backbone(backbone, fmt), calibration_pass=mode)
     feeds = [np.load(f) for f in sorted(raw.parent.glob("call*.npz"))][:calls]
     feeds = [dict(f) for f in feeds]
-    prepared = raw.with_name(f"{mode}.{fmt}.prepared.onnx")
-    _, nodes = prepare(raw, prepared, recipe, feeds)
+    prepared, _, nodes = prepare(raw, raw.with_name(f"{mode}.{fmt}.prepared.onnx"), recipe, feeds)
     start = (status_kb("VmRSS") or 0) / 1024.0
     t0 = time.perf_counter()
     with rss_phase() as mem:
@@ -114,8 +113,9 @@ def _quantize_case(raw: Path, backbone: str, by_block: bool) -> dict:
     from metacanvas_deploy.runtime.memory import rss_phase, status_kb
 
     recipe = recipe_for_backbone(backbone, "int8")
-    prepared = raw.with_name(f"lazy.{by_block}.prepared.onnx")  # the graph; its weights the lazy copy's data
-    _, nodes = prepare(raw.with_name("lazy.onnx"), prepared, recipe, [])
+    # the lazy copy itself: its weights are external with nothing to fold, so there is nothing to prepare
+    prepared, _, nodes = prepare(raw.with_name("lazy.onnx"), raw.with_name(f"lazy.{by_block}.prepared.onnx"), recipe,
+                                 [])
     start = (status_kb("VmRSS") or 0) / 1024.0
     t0 = time.perf_counter()
     with rss_phase() as mem, quiet_quantizer():

@@ -48,7 +48,8 @@ class Exposer:
     """``expose(feeds)`` yields ``(tensor, value)`` for every one of ``tensors`` of the graph at ``model_path``
     and every call in ``feeds``: chunk by chunk, and within a chunk call by call.
 
-    Each session's graph is written beside ``model_path`` (external weight files resolve), loaded, and deleted."""
+    Each session's graph is handed to ONNX Runtime in memory, its external weights read from ``model_path``'s
+    folder: nothing is written there (it may be a float bundle's)."""
 
     def __init__(self, model_path: Path, tensors: list[str], budget: int | None = None,
                  threads: int | None = None):
@@ -105,13 +106,12 @@ class Exposer:
             model.graph.node.extend(nodes)
         del model.graph.output[:]
         model.graph.output.extend(helper.make_empty_tensor_value_info(t) for t in outputs)
-        path = self.model_path.with_name(self.model_path.stem + ".expose.onnx")
-        onnx.save(model, str(path))
+        options = session_options(self.threads)
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                         str(self.model_path.resolve().parent))
+        graph = model.SerializeToString()
         del model
-        try:
-            sess = ort.InferenceSession(str(path), session_options(self.threads), providers=["CPUExecutionProvider"])
-        finally:
-            path.unlink()
+        sess = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
         self.sessions.append(list(outputs))
         return sess
 

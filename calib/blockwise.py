@@ -280,8 +280,8 @@ def _segment(run: _Pass, k: int) -> None:
     and the spills nobody reads any more removed."""
     p, state = run.plan, run.state
     seg = p.segments[k]
-    path = run.prepared.with_name(f"{run.prepared.stem}.segment{k:03d}.onnx")  # beside it: .data resolves
-    extract(run.model, seg, path)
+    path = state.directory / f"segment{k:03d}.onnx"  # with a copy of its weights: the prepared graph's folder
+    extract(run.model, seg, path, run.prepared.parent)  # (a float bundle's) is only read
     try:
         calls = SegmentFeeds(run.feeds, state.directory / "spill", run.sources(k))
         for folder in ("ranges", "sensitivity"):
@@ -299,6 +299,7 @@ def _segment(run: _Pass, k: int) -> None:
             run.progress.update(len(calls))
     finally:
         path.unlink(missing_ok=True)
+        path.with_name(path.name + ".data").unlink(missing_ok=True)
     state.done.append(seg.name)
     state.save()
     for j in range(k + 1):

@@ -14,8 +14,7 @@ Each ends with `check_aligned`, which raises `ExternalDataError` naming any tens
 
 from __future__ import annotations
 
-import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import BinaryIO
 
@@ -66,17 +65,20 @@ def _initializers(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
                     yield from _initializers(g)
 
 
-def save_aligned(model: onnx.ModelProto, path: Path, base_dir: Path | None = None) -> Path | None:
+def save_aligned(model: onnx.ModelProto, path: Path, base_dir: Path | Mapping[str, Path] | None = None
+                 ) -> Path | None:
     """Write ``model`` to ``path`` and every initializer of at least `MIN_EXTERNAL_BYTES` to ``<path>.data``, each
     at an aligned offset. Each tensor's bytes leave ``model`` as they are written. With ``base_dir``, tensors
-    that still live in another file's external data (a graph loaded without its weights, `link_weights`) are
-    copied over one at a time. Returns the data file (None when no tensor is that large: then there is none)."""
+    that still live in another file's external data (a graph loaded without its weights) are copied over one at a
+    time: ``base_dir`` is the folder their locations are relative to, or a mapping from each location to its
+    folder (a graph stitched from files in several folders). Returns the data file (None when no tensor is that
+    large: then there is none)."""
     path = Path(path)
     data = path.with_name(path.name + ".data")
     with open(data, "wb") as f:
         for tensor in _initializers(model.graph):
             if base_dir is not None and tensor.data_location == onnx.TensorProto.EXTERNAL:
-                raw = tensor.raw_data = _read_external(tensor, Path(base_dir))  # one tensor in memory
+                raw = tensor.raw_data = _read_external(tensor, base_dir)  # one tensor in memory
                 del tensor.external_data[:]
                 tensor.data_location = onnx.TensorProto.DEFAULT
             elif not tensor.HasField("raw_data") or len(tensor.raw_data) < MIN_EXTERNAL_BYTES:
@@ -96,34 +98,18 @@ def save_aligned(model: onnx.ModelProto, path: Path, base_dir: Path | None = Non
     return data if written else None
 
 
-def _read_external(tensor: onnx.TensorProto, base_dir: Path) -> bytes:
+def _read_external(tensor: onnx.TensorProto, base_dir: Path | Mapping[str, Path]) -> bytes:
     info = ExternalDataInfo(tensor)
-    with open(base_dir / info.location, "rb") as f:
+    folder = Path(base_dir) if not isinstance(base_dir, Mapping) else base_dir.get(info.location)
+    if folder is None:
+        raise ExternalDataError(f"tensor {tensor.name!r} lives in {info.location}, a file none of the folders "
+                                f"given holds ({', '.join(sorted(base_dir))})")
+    with open(folder / info.location, "rb") as f:
         f.seek(info.offset or 0)
         raw = f.read(info.length) if info.length is not None else f.read()
     if info.length is not None and len(raw) != info.length:
         raise ExternalDataError(f"{info.location} ends before tensor {tensor.name!r} does; rebuild the stage")
     return raw
-
-
-def link_weights(model: onnx.ModelProto, src: Path, dst: Path) -> None:
-    """Write ``model``, loaded from ``src`` without its external data, to ``dst`` with its external tensors read
-    from the same bytes, never loaded: in the same folder, ``src``'s own data file (a full-size stage's tens of GB
-    stay where they are); elsewhere, a streamed copy as ``<dst>.data`` (onnx refuses linked data files)."""
-    src, dst = Path(src), Path(dst)
-    tensors = [t for t in _initializers(model.graph) if t.data_location == onnx.TensorProto.EXTERNAL]
-    locations = sorted({ExternalDataInfo(t).location for t in tensors})
-    if len(locations) != 1:
-        raise ExternalDataError(f"{src.name}: expected its external tensors in one file, found {locations}")
-    data = dst.with_name(dst.name + ".data")
-    data.unlink(missing_ok=True)
-    if src.parent.resolve() != dst.parent.resolve():
-        shutil.copyfile(src.parent / locations[0], data)
-        for tensor in tensors:
-            for entry in tensor.external_data:
-                if entry.key == "location":
-                    entry.value = data.name
-    onnx.save_model(model, str(dst))
 
 
 def realign(path: Path) -> None:

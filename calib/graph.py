@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -59,10 +60,11 @@ def optimize_for_ort(src: Path, dst: Path, providers: tuple[str, ...] = ("CPUExe
         realign(dst)
 
 
-def save_model(model: onnx.ModelProto, path: Path, base_dir: Path | None = None) -> None:
+def save_model(model: onnx.ModelProto, path: Path, base_dir: Path | Mapping[str, Path] | None = None) -> None:
     """Write ``model`` to ``path``, its weights to ``<path>.data`` (each aligned for memory mapping) when they pass
     `EXTERNAL_DATA_BYTES`. (The weights then leave ``model``'s memory.) ``base_dir``: where the external data of a
-    graph loaded without its weights lives (those tensors are copied into ``<path>.data`` one at a time)."""
+    graph loaded without its weights lives (those tensors are copied into ``<path>.data`` one at a time;
+    `calib.external_data.save_aligned`)."""
     path = Path(path)
     path.with_name(path.name + ".data").unlink(missing_ok=True)
     external = onnx.TensorProto.EXTERNAL

@@ -124,10 +124,9 @@ def _sample_paths(graph: onnx.GraphProto, limit: int = 6) -> str:
     return ", ".join(paths[:limit]) + (", ..." if len(paths) > limit else "") if paths else "none recorded"
 
 
-def extract(model: onnx.ModelProto, segment: Segment, path: Path) -> None:
-    """Write ``segment`` of ``model`` (loaded without its external data) as a model of its own at ``path``, in
-    the folder of ``model``'s file, so that its external weights resolve to the same ``.data`` file: a session
-    on it reads (or, mapped, pages) that segment's weights only."""
+def segment_model(model: onnx.ModelProto, segment: Segment) -> onnx.ModelProto:
+    """``segment`` of ``model`` as a model of its own. Its initializers are copies of ``model``'s: tensors that
+    live in external data keep their locations (relative to ``model``'s folder), no bytes are read."""
     g = model.graph
     types = {v.name: v for v in (*g.value_info, *g.input, *g.output)}
     missing = [t for t in (*segment.inputs, *segment.outputs) if t not in types]
@@ -143,7 +142,17 @@ def extract(model: onnx.ModelProto, segment: Segment, path: Path) -> None:
         value_info=[v for v in g.value_info if v.name in inner])
     seg = helper.make_model(sub, opset_imports=list(model.opset_import), ir_version=model.ir_version)
     seg.functions.extend(model.functions)
-    onnx.save(seg, str(path))
+    return seg
+
+
+def extract(model: onnx.ModelProto, segment: Segment, path: Path, base_dir: Path | None = None) -> None:
+    """Write ``segment`` of ``model`` as a model of its own at ``path``, with its weights: a session on it reads
+    (or, mapped, pages) that segment's weights only. ``base_dir``: the folder of ``model``'s external data when
+    it was loaded without it; the segment's tensors are copied from there into ``<path>.data`` one at a time, so
+    ``path`` can be anywhere (the model's own folder, a float bundle's, is only read)."""
+    from metacanvas_deploy.calib.graph import save_model
+
+    save_model(segment_model(model, segment), path, base_dir)
 
 
 def annotate(model: onnx.ModelProto) -> None:

@@ -5,16 +5,17 @@ calibrate on the quantized outputs, on one block (`calib.blockwise`).
 Memory: FP8 reads one weight at a time. ONNX Runtime's quantizer loads the whole graph with its weights (and
 copies them), so INT8 with ``by_block`` runs it on one segment at a time (`calib.partition`: prologue, each
 block, epilogue) and stitches the quantized segments back together (`stitch`): a Wan2.2-5B DiT's 20 GB of fp32
-weights are then never in memory at once, only one block's and the int8 result's."""
+weights are then never in memory at once, only one block's and the int8 result's, nor copied on disk."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import onnx
+from onnx.external_data_helper import ExternalDataInfo
 
 from metacanvas_deploy.calib.graph import external_data, qdq_fp8, save_model
-from metacanvas_deploy.calib.partition import extract, partition
+from metacanvas_deploy.calib.partition import extract, partition, segment_model
 from metacanvas_deploy.calib.ranges import method
 from metacanvas_deploy.calib.recipes import Recipe
 
@@ -63,33 +64,46 @@ def _external(path: Path) -> bool:
 
 
 def _int8_by_block(prepared: Path, out: Path, recipe: Recipe, nodes: list[str], ranges_cache: Path) -> None:
-    """`_int8` one segment at a time: each segment with quantizable layers through ONNX Runtime's quantizer on its
-    own (the same ranges, so the same scales), the others as they are; then `stitch`. The segments are written
-    beside ``prepared`` (their external weights resolve to its data file, the quantized ones' to their own) and
-    removed at the end."""
+    """`_int8` one segment at a time: each segment with quantizable layers is written beside ``out`` with a copy
+    of its weights, quantized on its own (the same ranges, so the same scales) and its float copy removed; the
+    others stay as they are, their weights in ``prepared``'s data. Then `stitch`, and the result's weights read
+    one at a time from both folders: ``prepared``'s (a float bundle's) is only read, and the disk holds the
+    quantized segments and one float block beside the result, never a second float stage."""
     prepared, out = Path(prepared), Path(out)
     model = onnx.load(str(prepared), load_external_data=False)
     wanted = set(nodes)
+    folders = dict.fromkeys(_locations(model), prepared.parent)  # external data file -> its folder
     pieces, written = [], []
     try:
         for k, seg in enumerate(partition(model.graph, recipe.block_pattern)):
-            if seg.stop == seg.start:
-                continue
-            path = prepared.with_name(f"{out.stem}.block{k:03d}.onnx")
-            extract(model, seg, path)
-            written.append(path)
             layers = [n.name for n in model.graph.node[seg.start:seg.stop] if n.name in wanted]
-            if layers:  # (an empty list would mean "every node" to ONNX Runtime's quantizer)
-                quantized = path.with_name(f"{out.stem}.block{k:03d}.qdq.onnx")
-                written.append(quantized)
-                _int8(path, quantized, recipe, layers, ranges_cache)
-                path = quantized
-            pieces.append(onnx.load(str(path), load_external_data=False))
-        save_model(stitch(model, pieces), out, base_dir=prepared.parent)
+            if not layers:  # (an empty list would mean "every node" to ONNX Runtime's quantizer)
+                if seg.stop > seg.start:
+                    pieces.append(segment_model(model, seg))
+                continue
+            path, quantized = out.with_name(f"{out.stem}.block{k:03d}.onnx"), out.with_name(
+                f"{out.stem}.block{k:03d}.qdq.onnx")
+            written += [path, quantized]
+            extract(model, seg, path, prepared.parent)
+            _int8(path, quantized, recipe, layers, ranges_cache)
+            _remove(path)
+            piece = onnx.load(str(quantized), load_external_data=False)
+            folders.update(dict.fromkeys(_locations(piece), out.parent))
+            pieces.append(piece)
+        save_model(stitch(model, pieces), out, base_dir=folders)
     finally:
         for p in written:
-            p.unlink(missing_ok=True)
-            p.with_name(p.name + ".data").unlink(missing_ok=True)
+            _remove(p)
+
+
+def _locations(model: onnx.ModelProto) -> set[str]:
+    return {ExternalDataInfo(t).location for t in model.graph.initializer
+            if t.data_location == onnx.TensorProto.EXTERNAL}
+
+
+def _remove(path: Path) -> None:
+    path.unlink(missing_ok=True)
+    path.with_name(path.name + ".data").unlink(missing_ok=True)
 
 
 def stitch(model: onnx.ModelProto, pieces: list[onnx.ModelProto]) -> onnx.ModelProto:

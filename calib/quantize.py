@@ -31,7 +31,6 @@ import onnx
 from metacanvas_deploy.calib import capture as cap
 from metacanvas_deploy.calib.activations import Exposer
 from metacanvas_deploy.calib.errors import AccuracyBudgetError
-from metacanvas_deploy.calib.external_data import link_weights
 from metacanvas_deploy.calib.graph import (
     fold_weight_transposes,
     has_weight_transposes,
@@ -149,19 +148,19 @@ def _activation_absmax(prepared: Path, nodes: list[str], feeds: Sequence[dict], 
 
 
 # --- the loop ---------------------------------------------------------------------------------------------------
-def prepare(raw: Path, out: Path, recipe: Recipe, feeds: Sequence[dict]) -> tuple[dict[str, str], list[str]]:
-    """Fold weight transposes (and apply SmoothQuant) into ``out``. Returns (layer node -> weight name, the
-    candidate nodes: weight layers the recipe does not keep in float).
+def prepare(raw: Path, out: Path, recipe: Recipe, feeds: Sequence[dict]) -> tuple[Path, dict[str, str], list[str]]:
+    """Fold weight transposes (and apply SmoothQuant) into ``out``. Returns (the prepared graph, layer node ->
+    weight name, the candidate nodes: weight layers the recipe does not keep in float).
 
     A raw export whose weights live in external data with nothing to fold (lazy exports write ``W.T``) and no
-    SmoothQuant is prepared without loading its weights: ``out`` is the graph, its data a link to the raw's
-    (`calib.external_data.link_weights`), so a full-size stage is never held whole here."""
+    SmoothQuant needs no preparing: the prepared graph is ``raw`` itself, nothing is written (a full-size stage's
+    tens of GB are neither loaded nor copied; what reads it block by block copies one block's weights at a time,
+    `calib.partition.extract`), and ``raw``'s folder, a float bundle's, is only read."""
     graph = onnx.load(str(raw), load_external_data=False)
     external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in graph.graph.initializer)
     if external and recipe.smoothquant_alpha is None and not has_weight_transposes(graph):
         layers = weight_layers(graph)
-        link_weights(graph, raw, out)
-        return layers, [n for n, w in layers.items() if not recipe.keeps_float(w)]
+        return Path(raw), layers, [n for n, w in layers.items() if not recipe.keeps_float(w)]
     del graph
     model = fold_weight_transposes(onnx.load(str(raw)))
     layers = weight_layers(model)
@@ -173,7 +172,7 @@ def prepare(raw: Path, out: Path, recipe: Recipe, feeds: Sequence[dict]) -> tupl
         model = onnx.load(str(out))
         smooth(model, stats, recipe.smoothquant_alpha)
         save_model(model, out)
-    return layers, candidates
+    return Path(out), layers, candidates
 
 
 def evaluate(pipe, stage: str, candidate, held_feeds: Sequence[dict], held_reqs, float_frames, steps: int,
@@ -266,10 +265,9 @@ def quantize_stage(float_bundle: Path, raw: Path, recipe: Recipe, stage: str, wo
         steps = recipe.evaluation_steps
         float_frames = [cap.run(pipe, req, steps).frames for req in held_reqs]
 
-    prepared = workdir / f"{stage}.prepared.onnx"
     ranges = workdir / f"{stage}.ranges.json"
     with phase("calibrate"):
-        layers, candidates = prepare(raw, prepared, recipe, feeds)
+        prepared, layers, candidates = prepare(raw, workdir / f"{stage}.prepared.onnx", recipe, feeds)
         scores = _calibrate(prepared, candidates, feeds, recipe, ranges, state, threads, log, hook, stage)
     log(f"  peak RSS: capture {peaks['capture'] / 1024:.1f} GiB, calibration {peaks['calibrate'] / 1024:.1f} GiB")
     fallback: list[str] = []

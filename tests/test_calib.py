@@ -185,8 +185,8 @@ def test_calibration_is_deterministic(float_bundle, raw_denoise, tmp_path):
     out = []
     for i in range(2):
         f = cap.capture(pipe, "denoise", cap.requests(("t2i",), 2, (0,), "calibration"), 3)
-        _, nodes = prepare(raw_denoise, tmp_path / f"p{i}.onnx", recipe, f)
-        calibrate(tmp_path / f"p{i}.onnx", nodes, f, recipe, tmp_path / f"r{i}.json")
+        prepared, _, nodes = prepare(raw_denoise, tmp_path / f"p{i}.onnx", recipe, f)
+        calibrate(prepared, nodes, f, recipe, tmp_path / f"r{i}.json")
         out.append((tmp_path / f"r{i}.json").read_bytes())
     assert out[0] == out[1]
 
@@ -229,8 +229,8 @@ def test_activations_fetched_in_chunks_equal_one_run_and_respect_the_budget(floa
                                                                             tmp_path, monkeypatch):
     recipe = Recipe(name="t", format="int8", **QUICK)
     monkeypatch.setattr(calib_graph, "EXTERNAL_DATA_BYTES", 0)  # and the weights read from .data, as at full size
-    layers, nodes = prepare(raw_denoise, tmp_path / "p.onnx", recipe, feeds)
-    assert calib_graph.external_data(tmp_path / "p.onnx") is not None
+    prepared, layers, nodes = prepare(raw_denoise, tmp_path / "p.onnx", recipe, feeds)
+    assert prepared == tmp_path / "p.onnx" and calib_graph.external_data(prepared) is not None
     by_name = {n.name: n for n in onnx.load(str(tmp_path / "p.onnx")).graph.node}
     tensors = sorted({t for n in nodes for t in (by_name[n].input[0], by_name[n].output[0])})
     sizes = Exposer(tmp_path / "p.onnx", tensors).sizes(feeds[:2])

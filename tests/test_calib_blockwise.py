@@ -71,8 +71,8 @@ def stages(tmp_path_factory):
 def _prepared(stages, backbone: str, fmt: str, where: Path):
     raw, calls = stages[backbone]
     recipe = recipe_for_backbone(backbone, fmt)
-    _, nodes = prepare(raw, where / f"{backbone}.{fmt}.prepared.onnx", recipe, calls)
-    return where / f"{backbone}.{fmt}.prepared.onnx", nodes, calls, recipe
+    prepared, _, nodes = prepare(raw, where / f"{backbone}.{fmt}.prepared.onnx", recipe, calls)
+    return prepared, nodes, calls, recipe
 
 
 def _values(cache: Path) -> dict[str, tuple]:
@@ -112,7 +112,7 @@ def test_block_ranges_and_sensitivity_equal_the_whole_graph_pass(stages, backbon
     whole, block = _values(tmp_path / "whole.json"), _values(tmp_path / "block.json")
     assert len(whole) >= 2 * len(nodes) // 2 and block == whole  # every tensor, exactly
     assert scores == sensitivity(prepared, tmp_path / "whole.json", nodes, calls[:2], recipe, threads=1)
-    assert sorted(p.name for p in prepared.parent.iterdir() if ".segment" in p.name) == []  # cleaned up
+    assert sorted(p.name for p in state.directory.iterdir() if p.name.startswith("segment")) == []  # cleaned up
 
 
 @pytest.mark.parametrize("where", [(2, None), (2, 1)], ids=["at-a-block-boundary", "mid-block"])
@@ -230,40 +230,44 @@ def test_int8_quantized_block_by_block_is_the_whole_graph_quantizers_graph(stage
         assert all(np.array_equal(a, b) for x, y in zip(outs[:2], outs[2:]) for a, b in zip(x, y))
 
 
-def test_a_stage_with_external_weights_is_prepared_and_quantized_without_loading_them(stages, tmp_path):
-    """A raw export with its weights in external data and nothing to fold (what a lazy full-size export writes):
-    the prepared graph links the raw's data instead of loading it, the block pass and FP8 quantization read one
-    weight at a time; the ranges and the Q/DQ graph equal those of the in-memory path."""
+def test_a_stage_with_external_weights_is_calibrated_and_quantized_where_it_lies(stages, tmp_path):
+    """A raw export with its weights in external data and nothing to fold (what a lazy full-size export writes,
+    and a float bundle ships): nothing is prepared (no copy of the stage), the block pass copies one segment's
+    weights at a time into its state, FP8 and INT8 quantization read the weights where they lie; the raw's
+    folder (a float bundle's) is only read. Oracle: the in-memory path's ranges, and its Q/DQ graphs' outputs."""
     from metacanvas_deploy.calib.external_data import save_aligned
     from metacanvas_deploy.calib.graph import fold_weight_transposes
     from metacanvas_deploy.calib.quantize import quantize_model
 
     raw, calls = stages["sana"]
-    lazy = tmp_path / "denoise.raw.onnx"
+    (tmp_path / "float").mkdir()
+    lazy = tmp_path / "float" / "denoise.onnx"
     save_aligned(fold_weight_transposes(onnx.load(str(raw))), lazy)
+    before = {p.name: p.stat().st_mtime_ns for p in lazy.parent.iterdir()}
     recipe = recipe_for_backbone("sana", "fp8")
-    _, nodes = prepare(lazy, tmp_path / "p.onnx", recipe, calls)
-    assert not (tmp_path / "p.onnx.data").exists()  # the raw's weights, not loaded nor copied
-    _, ref_nodes = prepare(raw, tmp_path / "ref.onnx", recipe, calls)
+    prepared, _, nodes = prepare(lazy, tmp_path / "p.onnx", recipe, calls)
+    assert prepared == lazy and not (tmp_path / "p.onnx").exists()
+    ref, _, ref_nodes = prepare(raw, tmp_path / "ref.onnx", recipe, calls)
     assert nodes == ref_nodes
     state = bw.open_state(tmp_path / "state", bw.identity(recipe, lazy, "model"))
-    bw.block_calibrate(tmp_path / "p.onnx", nodes, calls, recipe, tmp_path / "block.json", state, threads=1)
-    calibrate(tmp_path / "ref.onnx", nodes, calls, recipe, tmp_path / "whole.json", threads=1)
+    bw.block_calibrate(prepared, nodes, calls, recipe, tmp_path / "block.json", state, threads=1)
+    calibrate(ref, nodes, calls, recipe, tmp_path / "whole.json", threads=1)
     assert _values(tmp_path / "block.json") == _values(tmp_path / "whole.json")
-    quantize_model(tmp_path / "p.onnx", tmp_path / "q.onnx", recipe, nodes, tmp_path / "block.json")
-    quantize_model(tmp_path / "ref.onnx", tmp_path / "qref.onnx", recipe, nodes, tmp_path / "whole.json")
-    assert (tmp_path / "q.onnx.data").stat().st_nlink == 1  # its own file
+    assert not [p.name for p in state.directory.iterdir() if p.name.startswith("segment")]
+    quantize_model(prepared, tmp_path / "q.onnx", recipe, nodes, tmp_path / "block.json")
+    quantize_model(ref, tmp_path / "qref.onnx", recipe, nodes, tmp_path / "whole.json")
     outs = [ort.InferenceSession(str(tmp_path / q), providers=["CPUExecutionProvider"]).run(None, calls[0])
             for q in ("q.onnx", "qref.onnx")]
     assert all(np.array_equal(a, b) for a, b in zip(*outs))
-    int8 = recipe_for_backbone("sana", "int8")  # ONNX Runtime's quantizer reads the linked weights too
-    calibrate(tmp_path / "p.onnx", nodes, calls[:1], int8, tmp_path / "int8.json", threads=1)
-    for by_block in (False, True):  # block by block: each segment's own weights are read (and its int8 copy kept)
+    int8 = recipe_for_backbone("sana", "int8")  # ONNX Runtime's quantizer reads the weights where they lie too
+    calibrate(prepared, nodes, calls[:1], int8, tmp_path / "int8.json", threads=1)
+    for by_block in (False, True):  # block by block: each segment's weights copied beside the result, then removed
         q8 = tmp_path / f"q8.{by_block}.onnx"
-        quantize_model(tmp_path / "p.onnx", q8, int8, nodes, tmp_path / "int8.json", by_block=by_block)
+        quantize_model(prepared, q8, int8, nodes, tmp_path / "int8.json", by_block=by_block)
         assert ort.InferenceSession(str(q8), providers=["CPUExecutionProvider"]).run(None, calls[0])
     assert same_graph(tmp_path / "q8.True.onnx", tmp_path / "q8.False.onnx")
     assert not [p.name for p in tmp_path.iterdir() if ".block" in p.name]
+    assert {p.name: p.stat().st_mtime_ns for p in lazy.parent.iterdir()} == before  # only read
 
 
 def test_the_build_refuses_a_bad_block_recipe_or_a_foreign_state_in_one_line(tmp_path):
