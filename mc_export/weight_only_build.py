@@ -36,7 +36,7 @@ from metacanvas_deploy.mc_export import writer as w
 from metacanvas_deploy.mc_export.components.spec_data import Tolerance
 from metacanvas_deploy.mc_export.errors import ConfigError, StageParityError
 from metacanvas_deploy.mc_export.export.onnx_export import export_component
-from metacanvas_deploy.mc_export.stages import gate_stage, plan_stages, tensorrt_engine, write_stages
+from metacanvas_deploy.mc_export.stages import gate_stage, plan_stages, stage_memory, tensorrt_engine, write_stages
 from metacanvas_deploy.runtime.bundle import write_bundle
 from metacanvas_deploy.runtime.memory import rss_phase
 
@@ -219,7 +219,7 @@ def _attempt(comp, tmp: Path, cfg, recipe: Recipe, weights, layers: dict[str, in
             f"(worst cosine {worst.cosine:.6f} on {worst.output}, max_rel {max(r.max_rel for r in rows):.2e})")
     written = sum(f.stat().st_size for f in (final, *(tmp / n for n in entry.external_data)))
     record = {"export_s": round(exported - started, 2), "gate_s": round(gated - exported, 2), "bytes": written,
-              "peak_rss_mb": round(memory["peak_mb"], 1), "end_private_mb": memory["end_private_mb"]}
+              **stage_memory(memory)}
     return entry, rows, skipped, record
 
 
