@@ -66,14 +66,21 @@ class BlockState:
 
 
 def identity(recipe: Recipe, raw: Path, model_id: str) -> dict:
-    """What a state belongs to: the recipe (name and digest), the float model's stage (``model_id``: the float
-    bundle's engine hash) and the raw graph the stage was calibrated from (sha256 of the .onnx file)."""
+    """What a state belongs to: the recipe's calibration (`Recipe.calibration_digest`: a recipe differing only in
+    its budget, held-out set or fallback reuses the state; the name is kept to describe it), the float model's
+    stage (``model_id``: the float bundle's engine hash) and the raw graph the stage was calibrated from (sha256 of
+    the .onnx file)."""
     digest = hashlib.sha256(Path(raw).read_bytes()).hexdigest()
-    return {"recipe": recipe.name, "recipe_sha256": recipe.digest(), "model": model_id, "graph_sha256": digest}
+    return {"recipe": recipe.name, "calibration_sha256": recipe.calibration_digest(), "model": model_id,
+            "graph_sha256": digest}
+
+
+def _same(old: dict, new: dict) -> bool:
+    return {k: v for k, v in old.items() if k != "recipe"} == {k: v for k, v in new.items() if k != "recipe"}
 
 
 def _describe(ident: dict) -> str:
-    return (f"recipe {ident.get('recipe')} ({str(ident.get('recipe_sha256'))[:12]}), model "
+    return (f"recipe {ident.get('recipe')} ({str(ident.get('calibration_sha256'))[:12]}), model "
             f"{str(ident.get('model'))[:12]}, graph {str(ident.get('graph_sha256'))[:12]}")
 
 
@@ -97,7 +104,7 @@ def open_state(directory: Path, ident: dict) -> BlockState:
     except (ValueError, KeyError, TypeError) as e:
         raise CalibrationStateError(f"{path} is not a calibration state ({e}); remove {directory} to calibrate "
                                     "afresh") from None
-    if fmt != STATE_FORMAT or old != ident:
+    if fmt != STATE_FORMAT or not _same(old, ident):
         raise CalibrationStateError(f"{directory} holds the calibration state of {_describe(old)}, not of this "
                                     f"calibration ({_describe(ident)}); remove it to calibrate afresh, or build to "
                                     "another --out")
@@ -112,10 +119,10 @@ def check_recipe(directory: Path, recipe: Recipe) -> None:
         old = json.loads(path.read_text())["identity"] if path.exists() else None
     except (ValueError, KeyError, TypeError):
         old = {}
-    if old is not None and old.get("recipe_sha256") != recipe.digest():
+    if old is not None and old.get("calibration_sha256") != recipe.calibration_digest():
         raise CalibrationStateError(f"{directory} holds the calibration state of {_describe(old)}, not of recipe "
-                                    f"{recipe.name} ({recipe.digest()[:12]}); remove it to calibrate afresh, or "
-                                    "build to another --out")
+                                    f"{recipe.name} ({recipe.calibration_digest()[:12]}); remove it to calibrate "
+                                    "afresh, or build to another --out")
 
 
 def captured_feeds(state: BlockState, capture: Callable[[Path], Sequence[dict]]):

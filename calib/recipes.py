@@ -44,6 +44,11 @@ class Budget:
     min_stage_cosine: float = 0.99
 
 
+# Recipe fields only the end-to-end gate and its fallback read (the name is a label)
+GATE_FIELDS = frozenset({"name", "budget", "held_out_prompts", "held_out_seeds", "evaluation_steps",
+                         "fallback_fraction", "max_fallback_rounds", "streamed_min_cosine", "streamed_max_rel"})
+
+
 @dataclass(frozen=True)
 class Recipe:
     """How a backbone's stages are quantized. Every field changes the bundle, so every field is hashed."""
@@ -188,6 +193,14 @@ class Recipe:
     def digest(self) -> str:
         """sha256 of the canonical JSON: the manifest's record of exactly which recipe built a bundle."""
         return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()
+
+    def calibration_digest(self) -> str:
+        """sha256 of what a block pass's state (captured calls, ranges, noise figures) depends on: every field but
+        those only the gate reads (`GATE_FIELDS`), and whether noise figures are measured at all. A build that
+        missed its budget is rerun with another budget without calibrating again (~45 min for Wan2.2-5B)."""
+        data = {k: v for k, v in self.to_json().items() if k not in GATE_FIELDS}
+        data["sensitivity"] = self.max_fallback_rounds > 0
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
 def default_recipe(backbone: str, precision: str, keep_float: tuple[str, ...], target: str = "onnxruntime",

@@ -34,6 +34,7 @@ from metacanvas_deploy.calib.errors import CalibrationDataError, CalibrationStat
 from metacanvas_deploy.calib.partition import extract, partition
 from metacanvas_deploy.calib.quantize import calibrate, prepare, quantize_stage
 from metacanvas_deploy.calib.ranges import load_ranges
+from metacanvas_deploy.calib.recipes import Budget
 from metacanvas_deploy.calib.sensitivity import sensitivity
 from metacanvas_deploy.mc_export.backbones import get, recipe_for_backbone
 from metacanvas_deploy.mc_export.build import resolve_ranges
@@ -160,6 +161,29 @@ def test_a_state_of_another_model_or_recipe_is_refused_naming_it(stages, tmp_pat
     assert (tmp_path / "elsewhere" / "notes.txt").read_text() == "mine"
 
 
+def test_a_state_is_reused_by_a_recipe_differing_only_in_its_gate(stages, tmp_path):
+    """A build that missed its budget is rerun with another budget, held-out set or fallback without calibrating
+    again: those fields do not change the calls, ranges or noise figures the state holds. Oracle: the state's
+    done blocks survive the reopen; what does change them (the calibration set, the percentile, whether noise
+    figures are measured) is refused."""
+    raw = stages["sana"][0]
+    recipe = recipe_for_backbone("sana", "int8")
+    state = bw.open_state(tmp_path / "state", bw.identity(recipe, raw, "m"))
+    state.done.append("transformer.transformer_blocks.0")
+    state.save()
+    relaxed = dataclasses.replace(recipe, name="relaxed", budget=Budget(min_psnr_db=28.0, min_stage_cosine=0.985),
+                                  held_out_prompts=1, held_out_seeds=(7,), evaluation_steps=2, max_fallback_rounds=1,
+                                  fallback_fraction=0.2)
+    bw.check_recipe(tmp_path / "state", relaxed)
+    assert bw.open_state(tmp_path / "state", bw.identity(relaxed, raw, "m")).done == state.done
+    for other in (dataclasses.replace(recipe, calibration_steps=recipe.calibration_steps + 1),
+                  dataclasses.replace(recipe, percentile=99.9), dataclasses.replace(recipe, max_fallback_rounds=0)):
+        with pytest.raises(CalibrationStateError, match="remove it"):
+            bw.check_recipe(tmp_path / "state", other)
+        with pytest.raises(CalibrationStateError, match="not of this calibration"):
+            bw.open_state(tmp_path / "state", bw.identity(other, raw, "m"))
+
+
 def test_bad_calibration_input_is_refused_before_any_work(stages):
     from metacanvas_deploy.mc_export.quantized import check_calibration
 
@@ -279,7 +303,7 @@ def test_the_build_refuses_a_bad_block_recipe_or_a_foreign_state_in_one_line(tmp
               str(tmp_path / "bad.json"), "--out", str(tmp_path / "sana"))
     assert_one_line_error(res, "block_pattern", "names no block of the denoise stage")
     state = tmp_path / "sana.calib" / "denoise"
-    bw.open_state(state, {"recipe": "old-recipe", "recipe_sha256": "0" * 64, "model": "m", "graph_sha256": "g"})
+    bw.open_state(state, {"recipe": "old-recipe", "calibration_sha256": "0" * 64, "model": "m", "graph_sha256": "g"})
     res = cli("metacanvas_deploy.mc_export", "build", "--backbone", "sana", "--precision", "fp8", "--out",
               str(tmp_path / "sana"))
     assert_one_line_error(res, "calibration state of recipe old-recipe", "sana-fp8-e4m3", "remove it")
