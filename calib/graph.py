@@ -45,7 +45,10 @@ def optimize_for_ort(src: Path, dst: Path, providers: tuple[str, ...] = ("CPUExe
     """
     import onnxruntime as ort
 
+    from metacanvas_deploy.runtime.ort_engine import QUIET
+
     so = ort.SessionOptions()
+    so.log_severity_level = QUIET
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     so.optimized_model_filepath = str(dst)
     so.enable_cpu_mem_arena = False

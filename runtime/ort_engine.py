@@ -55,12 +55,19 @@ class OrtEngine:
         return dict(zip(self.output_names, outs)), elapsed
 
 
+# ONNX Runtime's log level for our sessions: errors only. Its warnings at session creation are the optimiser's
+# notes to itself (e.g. "Could not find a CPU kernel and hence can't constant fold CastLike node", three lines per
+# full-size weight-only planner build); failures still raise.
+QUIET = 3
+
+
 def session_options(threads: int | None = None, mapped: bool = False):
     """ONNX Runtime's options for a bundle engine: every graph optimisation, or with ``mapped`` (see the module
     docstring) none, no prepacking and no arena, so that external-data weights stay memory-mapped."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
+    so.log_severity_level = QUIET
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         so.intra_op_num_threads = threads
