@@ -197,7 +197,7 @@ class Recipe:
     def calibration_digest(self) -> str:
         """sha256 of what a block pass's state (captured calls, ranges, noise figures) depends on: every field but
         those only the gate reads (`GATE_FIELDS`), and whether noise figures are measured at all. A build that
-        missed its budget is rerun with another budget without calibrating again (~45 min for Wan2.2-5B)."""
+        missed its budget is rerun with another budget without calibrating again (~50 min for Wan2.2-5B)."""
         data = {k: v for k, v in self.to_json().items() if k not in GATE_FIELDS}
         data["sensitivity"] = self.max_fallback_rounds > 0
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
