@@ -1,5 +1,6 @@
 """Progress of long phases (`mc_export.progress`): the line a non-terminal log gets, with the time left, exactly;
-and the lazy export reports its weights through it."""
+and the lazy export reports its weights through it. What else reaches the user of a long build: ONNX Runtime's
+own notes do not."""
 
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ def test_a_lazy_export_reports_its_weights(tmp_path, monkeypatch):
 
 _CASTLIKE = '''
 import sys
+from pathlib import Path
 import numpy as np, onnxruntime as ort
 from onnx import TensorProto, helper as h, numpy_helper as nh
 from metacanvas_deploy.calib.graph import optimize_for_ort
@@ -56,8 +58,8 @@ model = h.make_model(g, opset_imports=[h.make_opsetid("", 21)]).SerializeToStrin
 so = ort.SessionOptions() if sys.argv[1] == "default" else session_options()
 print(ort.InferenceSession(model, so, providers=["CPUExecutionProvider"]).run(None, {"x": np.zeros(2, np.float32)}))
 if sys.argv[1] == "ours":
-    open(sys.argv[2], "wb").write(model)
-    optimize_for_ort(__import__("pathlib").Path(sys.argv[2]), __import__("pathlib").Path(sys.argv[2] + ".opt"))
+    Path(sys.argv[2]).write_bytes(model)
+    optimize_for_ort(Path(sys.argv[2]), Path(sys.argv[2] + ".opt"))
 '''
 
 
