@@ -80,8 +80,11 @@ def _same(old: dict, new: dict) -> bool:
 
 
 def _describe(ident: dict) -> str:
-    return (f"recipe {ident.get('recipe')} ({str(ident.get('calibration_sha256'))[:12]}), model "
-            f"{str(ident.get('model'))[:12]}, graph {str(ident.get('graph_sha256'))[:12]}")
+    # a state written before 836aad8 is keyed by the whole recipe (recipe_sha256): say so rather than print "None"
+    key = (str(ident["calibration_sha256"])[:12] if "calibration_sha256" in ident
+           else "an earlier state format, keyed by the whole recipe")
+    return (f"recipe {ident.get('recipe')} ({key}), model {str(ident.get('model'))[:12]}, "
+            f"graph {str(ident.get('graph_sha256'))[:12]}")
 
 
 def open_state(directory: Path, ident: dict) -> BlockState:
@@ -239,10 +242,11 @@ def block_calibrate(prepared: Path, candidates: list[str], feeds: Sequence[dict]
                     label: str = "calibration") -> dict[str, float]:
     """`calib.quantize.calibrate` block by block: the ranges of every candidate layer's input and output over
     ``feeds`` into ``cache`` (the same values), resuming from ``state``. ``log``: a progress line as each segment
-    starts ("denoise: block 3/30 (transformer.blocks.2): 9% (...), 2 min in, about 20 min left") and between. Returns the layers' sensitivity
-    (`calib.sensitivity.sensitivity` on the first `SENSITIVITY_CALLS` calls; empty without
-    ``measure_sensitivity``). ``hook(segment, call)``: called after each call a segment hands on and after each
-    segment (call None): a test's interruption point. ``budget``: activation bytes per chunk (`calib.activations`)."""
+    starts ("denoise: block 3/30 (transformer.blocks.2): 9% (...), 2 min in, about 20 min left") and between.
+    Returns the layers' sensitivity (`calib.sensitivity.sensitivity` on the first `SENSITIVITY_CALLS` calls; empty
+    without ``measure_sensitivity``). ``hook(segment, call)``: called after each call a segment hands on and after
+    each segment (call None): a test's interruption point. ``budget``: activation bytes per chunk
+    (`calib.activations`)."""
     model = onnx.load(str(prepared), load_external_data=False)
     segments = [s for s in partition(model.graph, recipe.block_pattern, f"{label} graph") if s.stop > s.start]
     p = plan(model, segments, candidates)

@@ -159,6 +159,15 @@ def test_a_state_of_another_model_or_recipe_is_refused_naming_it(stages, tmp_pat
     with pytest.raises(CalibrationStateError, match="not a calibration state"):
         bw.open_state(tmp_path / "elsewhere", bw.identity(recipe, raw, "model-a"))
     assert (tmp_path / "elsewhere" / "notes.txt").read_text() == "mine"
+    earlier = tmp_path / "earlier" / "state.json"  # written before the key was the recipe's calibration only
+    earlier.parent.mkdir()
+    earlier.write_text(json.dumps({"format": bw.STATE_FORMAT, "done": [], "identity": {
+        "recipe": recipe.name, "recipe_sha256": "0" * 64, "model": "model-a", "graph_sha256": "1" * 64}}))
+    for check in (lambda: bw.check_recipe(earlier.parent, recipe),
+                  lambda: bw.open_state(earlier.parent, bw.identity(recipe, raw, "model-a"))):
+        with pytest.raises(CalibrationStateError, match=r"state of recipe sana-int8-w8a8 \(an earlier state format, "
+                                                        r"keyed by the whole recipe\), model model-a"):
+            check()
 
 
 def test_a_state_is_reused_by_a_recipe_differing_only_in_its_gate(stages, tmp_path):
