@@ -279,7 +279,8 @@ def quantize_stage(float_bundle: Path, raw: Path, recipe: Recipe, stage: str, wo
         nodes = [n for n in candidates if n not in fallback]
         (workdir / f"round{round_}").mkdir(exist_ok=True)  # cpu: the name the bundle gives it, data included
         qdq, cpu = workdir / f"round{round_}" / f"{stage}.qdq.onnx", workdir / f"round{round_}" / f"{stage}.onnx"
-        log(f"  quantizing {len(nodes)} layers (round {round_}), then evaluating on {len(held_reqs)} held-out requests")
+        log(f"  quantizing {len(nodes)} layers (round {round_}), then evaluating on {len(held_reqs)} held-out "
+            f"request{'' if len(held_reqs) == 1 else 's'}")
         with phase("quantize"), quiet_quantizer():
             quantize_model(prepared, qdq, recipe, nodes, ranges, by_block=by_block)
             optimize_for_ort(qdq, cpu)

@@ -75,8 +75,8 @@ def report(bundle: str | Path, float_bundle: str | Path | None = None, threads: 
     verdict = "meets" if mean >= b.min_psnr_db else f"misses by {b.min_psnr_db - mean:.2f} dB"
     if mean < b.min_psnr_db:
         misses.append(f"end to end: mean PSNR {mean:.2f} dB < budget {b.min_psnr_db} dB")
-    lines += ["", f"End to end, {len(reqs)} held-out requests ({steps} steps): PSNR mean {mean:.2f} dB, min "
-              f"{min(values):.2f} dB; budget {b.min_psnr_db} dB: {verdict}.",
+    lines += ["", f"End to end, {len(reqs)} held-out request{'' if len(reqs) == 1 else 's'} ({steps} steps): PSNR "
+              f"mean {mean:.2f} dB, min {min(values):.2f} dB; budget {b.min_psnr_db} dB: {verdict}.",
               "Recorded at build time: " + ", ".join(f"{s}: {r['metrics']['mean_psnr_db']:.2f} dB, cosine "
                                                      f"{r['metrics']['stage_cosine']:.6f}" for s, r in stages.items())]
     return Report(lines, misses)
