@@ -9,6 +9,7 @@ weights are then never in memory at once, only one block's and the int8 result's
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import onnx
@@ -16,17 +17,20 @@ from onnx.external_data_helper import ExternalDataInfo
 
 from metacanvas_deploy.calib.graph import external_data, qdq_fp8, save_model
 from metacanvas_deploy.calib.partition import extract, partition, segment_model
+from metacanvas_deploy.calib.progress import Progress
 from metacanvas_deploy.calib.ranges import method
 from metacanvas_deploy.calib.recipes import Recipe
 
 
 def quantize_model(prepared: Path, out: Path, recipe: Recipe, nodes: list[str], ranges_cache: Path,
-                   by_block: bool = False) -> None:
+                   by_block: bool = False, log: Callable[[str], None] | None = None, label: str = "quantize") -> None:
     """QDQ-quantize ``nodes`` of ``prepared`` into ``out`` with the calibrated ranges of ``ranges_cache``: INT8
     with ONNX Runtime's quantizer (``by_block``: one segment of the recipe's ``block_pattern`` at a time), FP8
-    with `calib.graph.qdq_fp8` (per-tensor amax, as TensorRT calibrates)."""
+    with `calib.graph.qdq_fp8` (per-tensor amax, as TensorRT calibrates). ``log``: progress in layers quantized,
+    as ``label: 40% (120 of 300), ...`` (per layer for FP8, per segment for INT8 by block, at the end otherwise)."""
     from onnxruntime.quantization import load_tensors_data
 
+    progress = Progress(f"{label} (layers)", len(nodes), log, unit_bytes=False)
     if recipe.format == "fp8":  # the weights read one layer at a time: only the FP8 copies are held
         ranges = load_tensors_data(str(ranges_cache)).data
         model = onnx.load(str(prepared), load_external_data=False)
@@ -34,11 +38,14 @@ def quantize_model(prepared: Path, out: Path, recipe: Recipe, nodes: list[str], 
         amax = {by_name[n].input[0]: max(abs(float(v)) for v in ranges[by_name[n].input[0]].range_value)
                 for n in nodes}
         base = Path(prepared).parent
-        save_model(qdq_fp8(model, nodes, amax, base_dir=base), out, base_dir=base)
+        save_model(qdq_fp8(model, nodes, amax, base_dir=base, on_layer=lambda: progress.update(1)), out,
+                   base_dir=base)
     elif by_block:
-        _int8_by_block(prepared, out, recipe, nodes, ranges_cache)
+        _int8_by_block(prepared, out, recipe, nodes, ranges_cache, progress.update)
     else:
         _int8(prepared, out, recipe, nodes, ranges_cache)
+        progress.update(len(nodes))
+    progress.close()
 
 
 def _int8(prepared: Path, out: Path, recipe: Recipe, nodes: list[str], ranges_cache: Path) -> None:
@@ -63,12 +70,14 @@ def _external(path: Path) -> bool:
     return any(t.data_location == onnx.TensorProto.EXTERNAL for t in graph.initializer)
 
 
-def _int8_by_block(prepared: Path, out: Path, recipe: Recipe, nodes: list[str], ranges_cache: Path) -> None:
+def _int8_by_block(prepared: Path, out: Path, recipe: Recipe, nodes: list[str], ranges_cache: Path,
+                   done: Callable[[int], None] = lambda n: None) -> None:
     """`_int8` one segment at a time: each segment with quantizable layers is written beside ``out`` with a copy
     of its weights, quantized on its own (the same ranges, so the same scales) and its float copy removed; the
     others stay as they are, their weights in ``prepared``'s data. Then `stitch`, and the result's weights read
     one at a time from both folders: ``prepared``'s (a float bundle's) is only read, and the disk holds the
-    quantized segments and one float block beside the result, never a second float stage."""
+    quantized segments and one float block beside the result, never a second float stage. ``done(n)`` after each
+    segment's ``n`` layers."""
     prepared, out = Path(prepared), Path(out)
     model = onnx.load(str(prepared), load_external_data=False)
     wanted = set(nodes)
@@ -90,6 +99,7 @@ def _int8_by_block(prepared: Path, out: Path, recipe: Recipe, nodes: list[str], 
             piece = onnx.load(str(quantized), load_external_data=False)
             folders.update(dict.fromkeys(_locations(piece), out.parent))
             pieces.append(piece)
+            done(len(layers))
         save_model(stitch(model, pieces), out, base_dir=folders)
     finally:
         for p in written:

@@ -282,7 +282,9 @@ def quantize_stage(float_bundle: Path, raw: Path, recipe: Recipe, stage: str, wo
         log(f"  quantizing {len(nodes)} layers (round {round_}), then evaluating on {len(held_reqs)} held-out "
             f"request{'' if len(held_reqs) == 1 else 's'}")
         with phase("quantize"), quiet_quantizer():
-            quantize_model(prepared, qdq, recipe, nodes, ranges, by_block=by_block)
+            quantize_model(prepared, qdq, recipe, nodes, ranges, by_block=by_block, log=log,
+                           label=f"{stage}: quantize, round {round_}")
+            log(f"{stage}: optimising the quantized graph for ONNX Runtime (one pass over it)")
             optimize_for_ort(qdq, cpu)
         with phase("evaluate"):
             metrics = evaluate(pipe, stage, cpu, held_feeds, held_reqs, float_frames, steps, threads, log)

@@ -215,7 +215,8 @@ def test_bad_calibration_input_is_refused_before_any_work(stages):
 
 def test_the_quantized_stage_and_its_gate_match_the_whole_graph_pass(bundles, tmp_path, monkeypatch, capfd):
     """One tiny SANA denoise stage quantized to INT8 both ways: the same Q/DQ graph byte for byte, the same gate
-    figures; the block pass reports progress per block and the quantizer's warnings stay out of the output."""
+    figures; the block pass reports progress per block, the quantizer's optimisation is announced and its
+    warnings stay out of the output."""
     from metacanvas_deploy.calib import progress
 
     monkeypatch.setattr(progress.Progress.__init__, "__defaults__", (print, 0.0, True))  # a line per update
@@ -233,27 +234,45 @@ def test_the_quantized_stage_and_its_gate_match_the_whole_graph_pass(bundles, tm
     assert any(line.startswith("denoise: block 1/1 (transformer.transformer_blocks.0): ") and "left" in line
                for line in lines), lines
     assert any(line.startswith("denoise: capture (requests): ") for line in lines)
+    assert "denoise: optimising the quantized graph for ONNX Runtime (one pass over it)" in lines
     assert "WARNING" not in capfd.readouterr().err
     shutil.rmtree(tmp_path / "block.state")
 
 
+def _counts(lines: list[str], label: str) -> list[tuple[int, int]]:
+    """The ``(done, total)`` of each progress line of ``label`` (``label: 40% (4 of 10), ...``)."""
+    return [tuple(int(v) for v in line.split("(", 2)[2].split(")")[0].split(" of ")) for line in lines
+            if line.startswith(f"{label}: ")]
+
+
 @pytest.mark.parametrize("backbone", ["sana", "flux"])
-def test_int8_quantized_block_by_block_is_the_whole_graph_quantizers_graph(stages, backbone, tmp_path):
+def test_int8_quantized_block_by_block_is_the_whole_graph_quantizers_graph(stages, backbone, tmp_path, monkeypatch):
     """ONNX Runtime's quantizer run on one segment at a time (`calib.qdq` ``by_block``: the stage's float weights
     never held whole) and the segments stitched back: the whole-graph quantizer's nodes and weights, bit for bit
     (the side tensors every block reads get one shared Q/DQ pair, as in the whole graph); the same outputs bit for
-    bit, as the Q/DQ graph and after ONNX Runtime's offline optimisation (integer kernels). Nothing left behind."""
+    bit, as the Q/DQ graph and after ONNX Runtime's offline optimisation (integer kernels). Nothing left behind.
+    Progress counts the layers of each quantized segment as it is done (oracle: the partition's segments)."""
+    from metacanvas_deploy.calib import progress
     from metacanvas_deploy.calib.graph import optimize_for_ort
     from metacanvas_deploy.calib.qdq import quantize_model
 
+    monkeypatch.setattr(progress.Progress.__init__, "__defaults__", (print, 0.0, True))  # a line per update
     prepared, nodes, calls, recipe = _prepared(stages, backbone, "int8", tmp_path)
     calibrate(prepared, nodes, calls, recipe, tmp_path / "ranges.json", threads=1)
     before = sorted(p.name for p in tmp_path.iterdir())
+    lines = {}
     for mode in ("whole", "block"):
         (tmp_path / mode).mkdir()
+        lines[mode] = []
         quantize_model(prepared, tmp_path / mode / "q.onnx", recipe, nodes, tmp_path / "ranges.json",
-                       by_block=mode == "block")
+                       by_block=mode == "block", log=lines[mode].append, label="q")
         optimize_for_ort(tmp_path / mode / "q.onnx", tmp_path / mode / "cpu.onnx")
+    graph = onnx.load(str(prepared), load_external_data=False).graph
+    per_segment = [n for n in (sum(node.name in nodes for node in graph.node[seg.start:seg.stop])
+                               for seg in partition(graph, recipe.block_pattern)) if n]
+    done = np.cumsum(per_segment)[:-1]  # the last update completes the count: no line for it
+    assert _counts(lines["block"], "q (layers)") == [(int(k), len(nodes)) for k in done]
+    assert lines["whole"] == []  # one call to ONNX Runtime's quantizer: nothing to count until it is done
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*before, "whole", "block"])
     assert same_graph(tmp_path / "block" / "q.onnx", tmp_path / "whole" / "q.onnx")
     assert sum(n.op_type == "QuantizeLinear" for n in onnx.load(str(tmp_path / "block" / "q.onnx")).graph.node) > 4
@@ -268,6 +287,7 @@ def test_a_stage_with_external_weights_is_calibrated_and_quantized_where_it_lies
     and a float bundle ships): nothing is prepared (no copy of the stage), the block pass copies one segment's
     weights at a time into its state, FP8 and INT8 quantization read the weights where they lie; the raw's
     folder (a float bundle's) is only read. Oracle: the in-memory path's ranges, and its Q/DQ graphs' outputs."""
+    from metacanvas_deploy.calib import progress
     from metacanvas_deploy.calib.external_data import save_aligned
     from metacanvas_deploy.calib.graph import fold_weight_transposes
     from metacanvas_deploy.calib.quantize import quantize_model
@@ -287,7 +307,12 @@ def test_a_stage_with_external_weights_is_calibrated_and_quantized_where_it_lies
     calibrate(ref, nodes, calls, recipe, tmp_path / "whole.json", threads=1)
     assert _values(tmp_path / "block.json") == _values(tmp_path / "whole.json")
     assert not [p.name for p in state.directory.iterdir() if p.name.startswith("segment")]
-    quantize_model(prepared, tmp_path / "q.onnx", recipe, nodes, tmp_path / "block.json")
+    lines = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(progress.Progress.__init__, "__defaults__", (print, 0.0, True))  # a line per update
+        quantize_model(prepared, tmp_path / "q.onnx", recipe, nodes, tmp_path / "block.json", log=lines.append,
+                       label="q")
+    assert _counts(lines, "q (layers)") == [(k, len(nodes)) for k in range(1, len(nodes))]  # FP8: per layer
     quantize_model(ref, tmp_path / "qref.onnx", recipe, nodes, tmp_path / "whole.json")
     outs = [ort.InferenceSession(str(tmp_path / q), providers=["CPUExecutionProvider"]).run(None, calls[0])
             for q in ("q.onnx", "qref.onnx")]
