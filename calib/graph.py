@@ -180,14 +180,14 @@ FP8_OPSET = 21
 
 
 def qdq_fp8(model: onnx.ModelProto, nodes: list[str], act_amax: dict[str, float], base_dir: Path | None = None,
-            on_layer: Callable[[], None] | None = None) -> onnx.ModelProto:
+            done: Callable[[int], None] = lambda n: None) -> onnx.ModelProto:
     """FP8 E4M3 explicit quantization, TensorRT's recipe: per-tensor scale = amax / 448 for each listed layer's
     input activation (``act_amax``, calibrated) and weight (its own max |W|). Activations get a
     QuantizeLinear -> DequantizeLinear pair; weights are stored in FLOAT8E4M3FN behind a DequantizeLinear.
     The graph moves to opset 21 (FP8 Q/DQ). ONNX Runtime's quantizer scales FP8 by a Gaussian fit of the
     standard deviation instead, which is not what TensorRT calibrates; hence this pass. ``base_dir``: ``model`` was
     loaded without its external data, which lives there; each weight is read when its layer is quantized (only
-    the FP8 copies stay in memory); ``on_layer`` is called after each."""
+    the FP8 copies stay in memory); ``done(1)`` after each layer."""
     import ml_dtypes
 
     g = model.graph
@@ -218,8 +218,7 @@ def qdq_fp8(model: onnx.ModelProto, nodes: list[str], act_amax: dict[str, float]
                                                    [f"{w}.fp8_dq"], name=f"{w}.fp8_dq"))
             consumers[w] -= 1
             node.input[0], node.input[1] = dq_of[x], f"{w}.fp8_dq"
-            if on_layer is not None:
-                on_layer()
+            done(1)
         out_nodes.append(node)
     del g.node[:]
     g.node.extend(out_nodes)

@@ -38,8 +38,7 @@ def quantize_model(prepared: Path, out: Path, recipe: Recipe, nodes: list[str], 
         amax = {by_name[n].input[0]: max(abs(float(v)) for v in ranges[by_name[n].input[0]].range_value)
                 for n in nodes}
         base = Path(prepared).parent
-        save_model(qdq_fp8(model, nodes, amax, base_dir=base, on_layer=lambda: progress.update(1)), out,
-                   base_dir=base)
+        save_model(qdq_fp8(model, nodes, amax, base_dir=base, done=progress.update), out, base_dir=base)
     elif by_block:
         _int8_by_block(prepared, out, recipe, nodes, ranges_cache, progress.update)
     else:
